@@ -1,0 +1,1 @@
+"""Label Studio bridge: conversion, pre-labelling, ML backend (issue 4)."""
