@@ -1,0 +1,95 @@
+"""The CLIP-style causal text transformer and its projection into the joint space (SPEC §1.5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from xdecoder.config import TextConfig
+
+
+class TFLayerNorm(nn.Module):
+    """TF-style LayerNorm: eps 1e-12, computed in fp32 (the official text encoder's own class)."""
+
+    def __init__(self, dim: int, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight * x.to(dtype) + self.bias
+
+
+class QuickGELUMlp(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(dim, dim * 4)
+        self.c_proj = nn.Linear(dim * 4, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.c_fc(x)
+        return self.c_proj(x * torch.sigmoid(1.702 * x))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads)
+        self.ln_1 = TFLayerNorm(dim)
+        self.mlp = QuickGELUMlp(dim)
+        self.ln_2 = TFLayerNorm(dim)
+
+    def forward(self, x: Tensor, causal_mask: Tensor) -> Tensor:  # x: [L, B, C]
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=causal_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class TextTransformer(nn.Module):
+    """Token ids [B, 77] -> hidden states [B, 77, width]. Always causal: padding needs no mask."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.ln_final = TFLayerNorm(cfg.width)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        x = self.token_embedding(input_ids) + self.positional_embedding
+        mask = torch.full((self.context_length, self.context_length), float("-inf"),
+                          dtype=x.dtype, device=x.device).triu_(1)
+        x = x.permute(1, 0, 2)
+        for block in self.resblocks:
+            x = block(x, mask)
+        return self.ln_final(x.permute(1, 0, 2))
+
+
+class LanguageEncoder(nn.Module):
+    """Text transformer + ``lang_proj`` + the learned ``logit_scale`` (official ``vlpencoder``)."""
+
+    def __init__(self, cfg: TextConfig, dim_proj: int) -> None:
+        super().__init__()
+        self.lang_encoder = TextTransformer(cfg)
+        self.lang_proj = nn.Parameter(torch.empty(cfg.width, dim_proj))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        nn.init.trunc_normal_(self.lang_proj, std=0.02)
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns (token embeddings [B, 77, D], sentence embeddings [B, D]), both unnormalized.
+
+        The sentence embedding is taken at the first end-of-text token: argmax of the ids,
+        since 49407 is the largest id and argmax returns its first occurrence.
+        """
+        hidden = self.lang_encoder(input_ids)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), input_ids.argmax(-1)]
+        return hidden @ self.lang_proj, pooled @ self.lang_proj

@@ -1,0 +1,421 @@
+"""Task API over one image pass: ``encode`` once, then ask for any task from the cached features.
+
+The segmentation pass of X-Decoder is class-agnostic up to the last dot product: class logits
+are cos(query embedding, class-name embedding). ``encode`` therefore runs backbone, pixel
+decoder and decoder once and keeps the query embeddings and mask logits; semantic, instance and
+panoptic results for any class list, the retrieval embedding and region embeddings come from
+that cache. Grounding and captioning add their own decoder passes over the cached pixel-decoder
+features; the backbone never runs twice.
+
+Images in a batch are grouped by padded size: the official model lets padding take part in
+attention, so only equal-size images can share a forward and still give one-at-a-time results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xdecoder.modeling.common import resize_masks
+from xdecoder.modeling.decoder import HeadOutput
+from xdecoder.modeling.xdecoder import SIZE_DIVISIBILITY, XDecoder
+from xdecoder.postprocess import (
+    MaskUpsampler,
+    instances,
+    masks_to_boxes,
+    nearest_resize,
+    panoptic_segments,
+    semantic_scores,
+)
+from xdecoder.prompts import class_prompts
+from xdecoder.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
+from xdecoder.transforms import ImageGeometry, ImageInput, pad_batch, padded_shape, resize, to_rgb
+
+BACKGROUND = "background"  # the no-object class, embedded like any other name (SPEC §5)
+
+
+@dataclass
+class EncodedImage:
+    """The cached result of one image's pass (tensors keep a batch dim of 1)."""
+
+    geometry: ImageGeometry
+    padded: tuple[int, int]
+    mask_features: Tensor
+    multi_scale: list[Tensor]
+    res5: Tensor
+    embeddings: Tensor  # [Q, D] query embeddings of the last head (class query pooled)
+    mask_logits: Tensor  # [Q, H/4, W/4]
+
+    def upsampler(self, mask_logits: Tensor | None = None) -> MaskUpsampler:
+        logits = self.mask_logits if mask_logits is None else mask_logits
+        return MaskUpsampler(logits, self.padded, self.geometry.resized, self.geometry.original)
+
+
+@dataclass
+class Features:
+    images: list[EncodedImage]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[EncodedImage]:
+        return iter(self.images)
+
+
+@dataclass
+class SemanticResult:
+    label_map: np.ndarray  # [H, W] int32 index into class_names
+    score_map: np.ndarray  # [H, W] float32 score of the chosen class
+    class_names: list[str]
+    scores: np.ndarray | None = None  # [K, H, W] float32, when asked for
+
+
+@dataclass
+class Segment:
+    id: int
+    category_id: int
+    label: str
+    isthing: bool
+    score: float
+    area: int
+    box: tuple[float, float, float, float]  # XYXY pixels
+    query: int
+
+
+@dataclass
+class PanopticResult:
+    segment_map: np.ndarray  # [H, W] int32, 0 = void, else Segment.id
+    segments: list[Segment]
+
+
+@dataclass
+class InstanceResult:
+    masks: np.ndarray  # [N, H, W] bool
+    boxes: np.ndarray  # [N, 4] float32 XYXY pixels, from the masks
+    scores: np.ndarray  # [N] class score x mask score, descending
+    category_ids: np.ndarray  # [N] int64
+    labels: list[str]
+    queries: np.ndarray  # [N] decoder query of each instance
+
+
+@dataclass
+class GroundingResult:
+    phrase: str
+    mask: np.ndarray  # [H, W] bool
+    logits: np.ndarray  # [H, W] float32 mask logits (mask = logits > 0)
+    score: float  # exp(logit_scale) (clamped at 100) x cosine of the chosen query and the phrase
+    query: int
+
+
+@dataclass
+class Region:
+    mask: np.ndarray  # [H, W] bool
+    box: tuple[float, float, float, float]
+    embedding: np.ndarray  # [D] unit vector, comparable with text_embeddings()
+    score: float  # mean mask probability inside the mask
+    query: int
+
+
+@dataclass
+class PredictorSettings:
+    short_side: int = 512  # official demos: Resize(512), bicubic
+    max_size: int | None = 2048  # guards memory on extreme aspect ratios
+    object_mask_threshold: float | None = None  # None: the model config's (0.8)
+    overlap_threshold: float | None = None
+    region_min_score: float = 0.5
+    region_nms_iou: float = 0.8
+    max_regions: int = 20
+    caption_steps: int | None = None  # None: the model config's (50 for released models)
+
+
+@dataclass
+class _TextCache:
+    class_embeddings: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _box(row: Tensor) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in row)
+    return (x0, y0, x1, y1)
+
+
+class Predictor:
+    """X-Decoder tasks over PIL images or arrays, with outputs in original image coordinates."""
+
+    def __init__(self, model: XDecoder, device: str | torch.device | None = None,
+                 settings: PredictorSettings | None = None, autocast: bool | None = None) -> None:
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.settings = settings or PredictorSettings()
+        self.tokenizer = ClipTokenizer(model.config.text.context_length)
+        # fp16/bf16 autocast on CUDA only; CPU stays float32 for exactness.
+        self.autocast = (self.device.type == "cuda") if autocast is None else autocast
+        self._cache = _TextCache()
+
+    # -- running the network -----------------------------------------------------------------
+
+    def _context(self) -> contextlib.AbstractContextManager[object]:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.autocast:
+            dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() \
+                else torch.float16
+            stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        return stack
+
+    def encode(self, images: ImageInput | Sequence[ImageInput], *, pad_together: bool = False
+               ) -> Features:
+        """One backbone + pixel decoder + decoder pass per image, batched by padded size.
+
+        ``pad_together`` pads the whole batch to its largest image in one forward, as the
+        official evaluators do; results then depend on the batch's composition.
+        """
+        if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
+            images = [images]
+        s = self.settings
+        prepared = []
+        for image in images:
+            rgb = to_rgb(image)
+            small = resize(rgb, s.short_side, s.max_size)
+            prepared.append((ImageGeometry(rgb.shape[:2], small.shape[:2]), small))
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (geometry, _) in enumerate(prepared):
+            key = (0, 0) if pad_together else padded_shape(geometry.resized, SIZE_DIVISIBILITY)
+            groups.setdefault(key, []).append(i)
+        encoded: list[EncodedImage | None] = [None] * len(prepared)
+        with self._context():
+            for members in groups.values():
+                pixels = pad_batch([self.model.normalize(
+                    torch.from_numpy(prepared[i][1]).permute(2, 0, 1).to(self.device))
+                    for i in members], SIZE_DIVISIBILITY)
+                padded = (pixels.shape[-2], pixels.shape[-1])
+                out = self.model.encode(pixels)
+                for j, i in enumerate(members):
+                    encoded[i] = EncodedImage(
+                        prepared[i][0], padded, out.mask_features[j:j + 1].float(),
+                        [m[j:j + 1].float() for m in out.multi_scale], out.res5[j:j + 1].float(),
+                        out.head.embeddings[j].float(), out.head.masks[j].float())
+        return Features([e for e in encoded if e is not None])
+
+    # -- text --------------------------------------------------------------------------------
+
+    def _sentence_embeddings(self, texts: list[str]) -> Tensor:
+        ids, _ = self.tokenizer(texts)
+        with self._context():
+            _, sentence = self.model.language(ids.to(self.device))
+        return sentence.float()
+
+    def class_embeddings(self, class_names: Sequence[str]) -> Tensor:
+        """[K+1, D]: each name averaged over the 81 templates, plus "background" (cached per name)."""
+        names = list(class_names) + [BACKGROUND]
+        cache = self._cache.class_embeddings
+        missing = [n for n in dict.fromkeys(names) if n not in cache]
+        for name in missing:
+            e = self._sentence_embeddings(class_prompts(name))
+            e = (e / (e.norm(dim=-1, keepdim=True) + 1e-7)).mean(0)
+            cache[name] = e / e.norm()
+        return torch.stack([cache[n] for n in names])
+
+    def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] unit sentence embeddings (no templates) in the joint image-text space."""
+        e = self._sentence_embeddings(list(texts))
+        return (e / (e.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
+
+    def text_query_embeddings(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, 2D] queries for ``image_embeddings``: their dot product is the official retrieval score."""
+        t = self.text_embeddings(texts)
+        return np.concatenate([t, t], axis=1) / math.sqrt(2.0)
+
+    # -- segmentation ------------------------------------------------------------------------
+
+    def _logits(self, image: EncodedImage, class_names: Sequence[str]) -> Tensor:
+        if not class_names:
+            raise ValueError("class_names is empty")
+        return self.model.decoder.class_logits(image.embeddings, self.class_embeddings(class_names))
+
+    def semantic(self, features: Features, class_names: Sequence[str], *,
+                 return_scores: bool = False) -> list[SemanticResult]:
+        results = []
+        with self._context():
+            for image in features:
+                scores = semantic_scores(self._logits(image, class_names), image.upsampler())
+                best, label = scores.max(0)
+                results.append(SemanticResult(
+                    label.to(torch.int32).cpu().numpy(), best.cpu().numpy(), list(class_names),
+                    scores.cpu().numpy() if return_scores else None))
+        return results
+
+    def _thresholds(self) -> tuple[float, float]:
+        cfg, s = self.model.config, self.settings
+        return (cfg.object_mask_threshold if s.object_mask_threshold is None else s.object_mask_threshold,
+                cfg.overlap_threshold if s.overlap_threshold is None else s.overlap_threshold)
+
+    def panoptic(self, features: Features, class_names: Sequence[str],
+                 stuff: Collection[str] = ()) -> list[PanopticResult]:
+        """Names in ``stuff`` are amorphous classes (one merged segment each); the rest are things."""
+        stuff_ids = {i for i, n in enumerate(class_names) if n in stuff}
+        object_thr, overlap_thr = self._thresholds()
+        results = []
+        with self._context():
+            for image in features:
+                seg_map, infos = panoptic_segments(
+                    self._logits(image, class_names), image.upsampler(), stuff_ids,
+                    object_mask_threshold=object_thr, overlap_threshold=overlap_thr)
+                ids = torch.tensor([info.id for info in infos], dtype=torch.int32)
+                masks = seg_map[None] == ids[:, None, None]
+                boxes = masks_to_boxes(masks)
+                segments = [Segment(info.id, info.category_id, class_names[info.category_id], info.isthing,
+                                    info.score, int(masks[k].sum()), _box(boxes[k]), info.query)
+                            for k, info in enumerate(infos)]
+                results.append(PanopticResult(seg_map.cpu().numpy(), segments))
+        return results
+
+    def instance(self, features: Features, class_names: Sequence[str],
+                 stuff: Collection[str] = ()) -> list[InstanceResult]:
+        """Top-100 (query, class) pairs, stuff classes dropped, best first."""
+        stuff_ids = {i for i, n in enumerate(class_names) if n in stuff}
+        results = []
+        with self._context():
+            for image in features:
+                out = instances(self._logits(image, class_names), image.upsampler(), stuff_ids,
+                                detections=self.model.config.detections_per_image)
+                results.append(InstanceResult(
+                    out["masks"].cpu().numpy(), masks_to_boxes(out["masks"]).numpy(),
+                    out["scores"].cpu().numpy(), out["classes"].cpu().numpy(),
+                    [class_names[int(c)] for c in out["classes"]], out["queries"].cpu().numpy()))
+        return results
+
+    # -- referring segmentation ------------------------------------------------------------
+
+    def ground(self, features: Features, phrases: Sequence[str]) -> list[list[GroundingResult]]:
+        """One mask per phrase per image. All phrases of an image go through one decoder pass,
+        their tokens concatenated, as the official evaluator feeds them."""
+        if not phrases:
+            raise ValueError("phrases is empty")
+        ids, attention = self.tokenizer(list(phrases))
+        decoder, language = self.model.decoder, self.model.language
+        results = []
+        with self._context():
+            token_emb, sentence = language(ids.to(self.device))
+            tokens = token_emb[attention.bool().to(self.device)][:, None]  # [T, 1, D]
+            t = sentence / (sentence.norm(dim=-1, keepdim=True) + 1e-7)
+            scale = language.logit_scale.exp().clamp(max=100)
+            for image in features:
+                head = decoder.ground(image.multi_scale, image.mask_features, tokens)
+                v = head.embeddings[0].float()
+                sim = scale * (v / (v.norm(dim=-1, keepdim=True) + 1e-7)) @ t.float().t()  # [Q-1, P]
+                best_scores, best = sim.max(0)
+                logits = image.upsampler(head.masks[0].float())(best)
+                results.append([GroundingResult(p, (logits[k] > 0).cpu().numpy(), logits[k].cpu().numpy(),
+                                                float(best_scores[k]), int(best[k]))
+                                for k, p in enumerate(phrases)])
+        return results
+
+    # -- captioning ----------------------------------------------------------------------------
+
+    def caption(self, features: Features, masks: Sequence[np.ndarray | None] | None = None
+                ) -> list[str]:
+        """Greedy captions; with ``masks`` (one bool [H, W] per image, or None), the caption
+        tokens see only memory inside the region (referring captioning)."""
+        return [self._tokens_to_text(ids) for ids in self.caption_ids(features, masks)]
+
+    def caption_ids(self, features: Features, masks: Sequence[np.ndarray | None] | None = None
+                    ) -> list[list[int]]:
+        steps = self.settings.caption_steps or self.model.config.decoder.captioning_steps
+        if masks is not None and len(masks) != len(features):
+            raise ValueError(f"got {len(masks)} masks for {len(features)} images")
+        out = []
+        with self._context():
+            for k, image in enumerate(features):
+                region = masks[k] if masks is not None else None
+                out.append(self._greedy_caption(image, steps, region))
+        return out
+
+    def _region_block(self, image: EncodedImage, mask: np.ndarray, sizes: list[tuple[int, int]]
+                      ) -> list[Tensor]:
+        if mask.shape != image.geometry.original:
+            raise ValueError(f"region mask has shape {mask.shape}, image is {image.geometry.original}")
+        region = nearest_resize(torch.from_numpy(mask.astype(bool)), image.geometry.resized)
+        canvas = torch.zeros(image.padded, dtype=torch.bool)
+        canvas[: region.shape[0], : region.shape[1]] = region
+        return [~nearest_resize(canvas, size).flatten().to(self.device) for size in sizes]
+
+    def _greedy_caption(self, image: EncodedImage, steps: int, region: np.ndarray | None) -> list[int]:
+        decoder, language = self.model.decoder, self.model.language
+        mem = decoder.memory(image.multi_scale)
+        block = self._region_block(image, region, mem.sizes) if region is not None else None
+        context = decoder.context_length
+        ids = torch.full((1, context), BOS_ID, dtype=torch.int64, device=self.device)
+        vocab = language.lang_encoder.token_embedding.weight
+        for step in range(min(steps, context - 1)):
+            token_emb, _ = language(ids)
+            feats = decoder.caption_features(mem, image.mask_features, token_emb, block)
+            next_id = int((feats[0, step] @ vocab.t()).argmax())
+            ids[0, step + 1] = next_id
+            if next_id == EOS_ID:  # later tokens cannot change the text before the first EOS
+                break
+        return ids[0].tolist()
+
+    def _tokens_to_text(self, ids: list[int]) -> str:
+        # evaluate_captioning keeps the text before the first period.
+        return self.tokenizer.decode_caption(ids).split(".")[0].strip()
+
+    # -- retrieval -----------------------------------------------------------------------------
+
+    def image_embeddings(self, features: Features) -> np.ndarray:
+        """[B, 2D] unit vectors: (decoder embedding, backbone embedding) each normalized, / sqrt 2.
+
+        Their dot product with ``text_query_embeddings`` is the official retrieval score
+        0.5*cos(decoder, text) + 0.5*cos(backbone, text); with each other, image similarity.
+        """
+        rows = []
+        with self._context():
+            for image in features:
+                a = image.embeddings[-1]
+                b = self.model.backbone_embedding(image.res5)[0].float()
+                rows.append(torch.cat([a / a.norm(), b / b.norm()]) / math.sqrt(2.0))
+        return torch.stack(rows).cpu().numpy()
+
+    def region_embeddings(self, features: Features) -> list[list[Region]]:
+        """Class-agnostic regions (confident, de-duplicated query masks) with their embeddings."""
+        s = self.settings
+        results = []
+        with self._context():
+            for image in features:
+                q = image.embeddings.shape[0]
+                low = resize_masks(image.mask_logits[None], image.padded)[0]
+                binary = low > 0
+                area = binary.flatten(1).sum(1)
+                quality = (low.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (area + 1e-6)
+                order = [int(i) for i in quality.argsort(descending=True) if area[i] > 0
+                         and quality[i] >= s.region_min_score and i < q - 1]  # class query is the image
+                chosen: list[int] = []
+                for i in order:
+                    inter = (binary[chosen] & binary[i]).flatten(1).sum(1).float()
+                    union = (binary[chosen] | binary[i]).flatten(1).sum(1).float()
+                    if chosen and bool((inter / union > s.region_nms_iou).any()):
+                        continue
+                    chosen.append(i)
+                    if len(chosen) == s.max_regions:
+                        break
+                idx = torch.tensor(chosen, dtype=torch.int64)
+                masks = image.upsampler()(idx) > 0
+                boxes = masks_to_boxes(masks)
+                emb = image.embeddings[idx]
+                emb = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
+                results.append([Region(masks[k].cpu().numpy(), _box(boxes[k]), emb[k], float(quality[i]), i)
+                                for k, i in enumerate(chosen)])
+        return results
+
+
+__all__ = [
+    "EncodedImage", "Features", "GroundingResult", "HeadOutput", "InstanceResult", "PanopticResult",
+    "Predictor", "PredictorSettings", "Region", "Segment", "SemanticResult",
+]
