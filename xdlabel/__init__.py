@@ -1,0 +1,1 @@
+"""xdlabel: the application around X-Decoder (CLI, demo; later the HTTP API and ingestion jobs)."""
