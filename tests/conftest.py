@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "parity"
+
+# Largest error of each golden output, filled by the parity tests, printed at the end of the run.
+PARITY_ERRORS: dict[str, float] = {}
+
+
+def relative_error(actual: object, expected: object) -> float:
+    """max |actual - expected| / max |expected|: the per-output measure the README reports."""
+    a = np.asarray(actual, dtype=np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"shape {a.shape} != golden {e.shape}"
+    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict[str, np.ndarray]:
+    with np.load(PARITY / "golden.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(scope="session")
+def golden_meta() -> dict[str, object]:
+    return json.loads((PARITY / "golden_meta.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def parity_model():  # type: ignore[no-untyped-def]
+    from xdecoder import build_model, load_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("parity")
+    load_checkpoint(model, PARITY / "reduced_weights.safetensors")
+    return model
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    if not PARITY_ERRORS:
+        return
+    terminalreporter.section("X-Decoder parity: largest relative error per golden output (goal <= 1e-4)")
+    for name, err in sorted(PARITY_ERRORS.items()):
+        terminalreporter.write_line(f"{name:<48} {err:.2e}")
