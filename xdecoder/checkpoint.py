@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,13 @@ RECOMPUTABLE_KEYS = frozenset({"sem_seg_head.predictor.self_attn_mask"})
 
 
 class CheckpointError(ValueError):
-    """The file does not fit the model; the message names the offending keys."""
+    """The file does not fit the model; the message names the offending keys (the first 20 of
+    each kind), the attributes list all of them."""
+
+    def __init__(self, message: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
+                 mismatched: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched = list(missing), list(unexpected), list(mismatched)
 
 
 @dataclass(frozen=True)
@@ -94,17 +101,19 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
         problems.append(f"{len(mismatched)} shape mismatches (file != model): {_format_keys(mismatched)}")
     if problems:
         name = getattr(getattr(model, "config", None), "name", type(model).__name__)
-        raise CheckpointError(f"checkpoint does not fit config {name!r}: " + "; ".join(problems))
+        raise CheckpointError(f"checkpoint does not fit config {name!r}: " + "; ".join(problems),
+                              missing, unexpected, mismatched)
     return [k for k in state if k in IGNORED_KEYS]
 
 
-def load_state_dict(model: nn.Module, state: dict[str, Tensor]) -> list[str]:
+def load_state_dict(model: nn.Module, state: dict[str, Tensor], *, assign: bool = False) -> list[str]:
+    """Strictly load ``state``; ``assign`` keeps the given tensors (e.g. into a meta-device model)."""
     ignored = check_state_dict(model, state)
     state = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
     for key in RECOMPUTABLE_KEYS:  # keep the model's own computed buffer when the file has none
         if key not in state and key in model.state_dict():
             state[key] = model.state_dict()[key]
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=assign)
     return ignored
 
 

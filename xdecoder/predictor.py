@@ -165,7 +165,7 @@ class Predictor:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         if self.autocast:
-            dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() \
+            dtype = torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported() \
                 else torch.float16
             stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
         return stack

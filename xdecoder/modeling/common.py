@@ -70,8 +70,11 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """Resize mask logits [..., H, W] the way X-Decoder does everywhere: bicubic with antialias.
 
     Not bilinear as in Mask2Former; antialias changes results even when upsampling (SPEC §7.1).
+    Always computed in float32: the results are thresholded at 0, and the antialiased kernel
+    has no half-precision CPU implementation.
     """
     lead = masks.shape[:-2]
     flat = masks.reshape(-1, 1, *masks.shape[-2:]) if masks.dim() != 4 else masks
-    out = F.interpolate(flat, size=size, mode="bicubic", align_corners=False, antialias=True)
+    with torch.autocast(flat.device.type, enabled=False):
+        out = F.interpolate(flat.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
     return out.reshape(*lead, *size)

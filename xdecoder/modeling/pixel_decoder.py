@@ -18,6 +18,7 @@ from xdecoder.modeling.common import ConvNorm, sine_position_embedding
 class PixelDecoderOutput:
     mask_features: Tensor  # [B, mask_dim, H/4, W/4]
     multi_scale_features: list[Tensor]  # [/32, /16, /8], each [B, conv_dim, h, w]
+    encoder_features: Tensor  # transformer-encoder output on res5, before ``layer_N``
 
 
 class EncoderLayer(nn.Module):
@@ -91,4 +92,4 @@ class PixelDecoder(nn.Module):
             y = getattr(self, f"layer_{i}")(y)
             if len(multi_scale) < 3:
                 multi_scale.append(y)
-        return PixelDecoderOutput(self.mask_features(y), multi_scale)
+        return PixelDecoderOutput(self.mask_features(y), multi_scale, x)

@@ -1,0 +1,169 @@
+"""The task API: one pass serves every task, batching changes nothing, any input becomes RGB."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import PARITY
+from xdecoder import Predictor
+from xdecoder.modeling.xdecoder import XDecoder
+from xdecoder.predictor import PredictorSettings
+from xdecoder.transforms import ImageInputError, to_rgb
+
+CLASSES = ["person", "dog", "car", "sky", "grass"]
+
+
+@pytest.fixture(scope="module")
+def predictor(parity_model: XDecoder) -> Predictor:
+    return Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=160))
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    return Image.open(PARITY / "imageA_320x480.png").convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def other() -> Image.Image:
+    return Image.open(PARITY / "imageB_240x320.png").convert("RGB")
+
+
+def test_batch_gives_the_same_results_as_one_at_a_time(predictor: Predictor, photo: Image.Image,
+                                                        other: Image.Image) -> None:
+    flipped = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # same size as photo: shares a forward
+    batch = predictor.encode([photo, other, flipped])
+    singles = [predictor.encode(img) for img in (photo, other, flipped)]
+    for k, single in enumerate(singles):
+        a = predictor.semantic(batch, CLASSES, return_scores=True)[k]
+        b = predictor.semantic(single, CLASSES, return_scores=True)[0]
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-4 * np.abs(b.scores).max())
+        np.testing.assert_allclose(predictor.image_embeddings(batch)[k], predictor.image_embeddings(single)[0],
+                                   atol=1e-5)
+        assert predictor.caption(batch)[k] == predictor.caption(single)[0]
+        assert predictor.ground(batch, ["the dog"])[k][0].query == predictor.ground(single, ["the dog"])[0][0].query
+
+
+def test_outputs_are_in_original_coordinates(predictor: Predictor, other: Image.Image) -> None:
+    features = predictor.encode(other)
+    h, w = 240, 320
+    assert predictor.semantic(features, CLASSES)[0].label_map.shape == (h, w)
+    assert predictor.panoptic(features, CLASSES, stuff=["sky"])[0].segment_map.shape == (h, w)
+    inst = predictor.instance(features, CLASSES)[0]
+    assert inst.masks.shape[1:] == (h, w) and len(inst.masks) == 100  # 101 queries x 5 classes -> top 100
+    assert np.all(np.diff(inst.scores) <= 0)
+    assert predictor.ground(features, ["a dog", "the sky"])[0][1].mask.shape == (h, w)
+    for region in predictor.region_embeddings(features)[0]:
+        ys, xs = np.nonzero(region.mask)
+        assert region.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert abs(np.linalg.norm(region.embedding) - 1) < 1e-5
+
+
+def test_exif_orientation_is_applied(predictor: Predictor, other: Image.Image) -> None:
+    upright = other
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif)
+    tagged = Image.open(io.BytesIO(buf.getvalue()))
+    assert np.array_equal(to_rgb(tagged), np.asarray(upright))
+    a = predictor.semantic(predictor.encode(tagged), CLASSES, return_scores=True)[0]
+    b = predictor.semantic(predictor.encode(upright), CLASSES, return_scores=True)[0]
+    assert a.label_map.shape == (240, 320)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-4 * np.abs(b.scores).max())
+
+
+@pytest.mark.parametrize("make", [
+    lambda rgb: Image.fromarray(rgb).convert("L"),
+    lambda rgb: Image.fromarray(rgb).convert("CMYK"),
+    lambda rgb: Image.fromarray(rgb).convert("RGBA"),
+    lambda rgb: Image.fromarray(rgb).convert("P"),
+    lambda rgb: Image.fromarray(rgb[:, :, 0].astype(np.uint16) * 257).convert("I;16"),
+    lambda rgb: rgb[:, :, 0],
+    lambda rgb: rgb.astype(np.float32) / 255.0,
+    lambda rgb: rgb.astype(np.uint16) * 257,
+    lambda rgb: np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]),
+], ids=["L", "CMYK", "RGBA", "P", "I;16", "gray-array", "float-array", "uint16-array", "rgba-array"])
+def test_any_mode_becomes_rgb(make, other: Image.Image) -> None:  # type: ignore[no-untyped-def]
+    rgb = np.asarray(other)
+    out = to_rgb(make(rgb))
+    assert out.dtype == np.uint8 and out.shape == (240, 320, 3)
+    assert np.abs(out.astype(int).mean() - rgb.mean()) < 20  # same picture, not blank
+
+
+def test_transparent_palette_composites_on_white() -> None:
+    img = Image.new("P", (4, 4), 0)
+    img.putpalette([0, 0, 0] + [255, 0, 0] * 255)
+    img.info["transparency"] = 0
+    assert (to_rgb(img) == 255).all()
+
+
+@pytest.mark.parametrize("bad", [np.zeros((0, 5, 3), np.uint8), np.zeros((4, 4, 2), np.uint8),
+                                 np.full((4, 4), np.nan), "not an image"])
+def test_bad_inputs_say_what_is_wrong(bad: object) -> None:
+    with pytest.raises(ImageInputError):
+        to_rgb(bad)  # type: ignore[arg-type]
+
+
+def test_class_embeddings_are_cached(parity_model: XDecoder, other: Image.Image) -> None:
+    predictor = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128))
+    calls = []
+    hook = parity_model.language.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        features = predictor.encode(other)
+        predictor.semantic(features, CLASSES)
+        first = len(calls)
+        predictor.panoptic(features, CLASSES)
+        predictor.instance(features, list(reversed(CLASSES)))
+        assert len(calls) == first  # repeated (or reordered) class lists cost no text pass
+        predictor.semantic(features, CLASSES + ["tree"])
+        assert len(calls) == first + 1  # only the new name is embedded
+    finally:
+        hook.remove()
+
+
+def test_empty_inputs_are_rejected(predictor: Predictor, other: Image.Image) -> None:
+    features = predictor.encode(other)
+    with pytest.raises(ValueError, match="class_names"):
+        predictor.semantic(features, [])
+    with pytest.raises(ValueError, match="phrases"):
+        predictor.ground(features, [])
+
+
+def test_region_captioning(predictor: Predictor, other: Image.Image) -> None:
+    features = predictor.encode(other)
+    full = np.ones((240, 320), dtype=bool)
+    # A region covering everything blocks nothing: the plain caption.
+    assert predictor.caption_ids(features, [full]) == predictor.caption_ids(features)
+    corner = np.zeros((240, 320), dtype=bool)
+    corner[:60, :80] = True
+    assert isinstance(predictor.caption(features, [corner])[0], str)
+    with pytest.raises(ValueError, match="shape"):
+        predictor.caption(features, [np.ones((10, 10), dtype=bool)])
+
+
+def test_retrieval_embeddings_score_like_the_official_ensemble(predictor: Predictor, photo: Image.Image) -> None:
+    features = predictor.encode(photo)
+    image = predictor.image_embeddings(features)
+    assert image.shape == (1, 128) and abs(np.linalg.norm(image[0]) - 1) < 1e-5
+    texts = ["a car", "a dog on grass"]
+    t = predictor.text_embeddings(texts)
+    a = features.images[0].embeddings[-1].numpy()
+    with torch.inference_mode():
+        b = predictor.model.backbone_embedding(features.images[0].res5)[0].numpy()
+    expected = 0.5 * (t @ a / np.linalg.norm(a)) + 0.5 * (t @ b / np.linalg.norm(b))
+    np.testing.assert_allclose(image @ predictor.text_query_embeddings(texts).T, expected[None], atol=1e-6)
+
+
+def test_autocast_path_runs_and_stays_close(parity_model: XDecoder, other: Image.Image) -> None:
+    """The CUDA fp16/bf16 path, exercised on the CPU in bfloat16 (no GPU here)."""
+    exact = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128))
+    mixed = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128), autocast=True)
+    a = exact.image_embeddings(exact.encode(other))
+    b = mixed.image_embeddings(mixed.encode(other))
+    assert float(a[0] @ b[0]) > 0.99
