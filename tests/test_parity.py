@@ -304,6 +304,9 @@ def test_captioning(golden: Golden, golden_meta: dict[str, Any], parity_model: X
             top = step_logits.topk(5)
             assert top.indices.tolist() == golden["cap_step_top5_ids"][step].tolist()
             check("cap_step_top5_logits", top.values, golden["cap_step_top5_logits"][step])
+            # The predictor's fast path: the prefix only, over the cached latent queries.
+            prefix = decoder.caption_prefix(mem, image_a.latents, token_emb[:, : step + 1])[0, step] @ vocab.t()
+            check("cap_step_top5_logits (prefix path)", prefix[top.indices], golden["cap_step_top5_logits"][step])
             ids[0, step + 1] = top.indices[0]
     ids = predictor.caption_ids(features)[0]
     assert ids == golden["cap_token_ids"].tolist()

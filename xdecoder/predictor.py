@@ -51,6 +51,7 @@ class EncodedImage:
     res5: Tensor
     embeddings: Tensor  # [Q, D] query embeddings of the last head (class query pooled)
     mask_logits: Tensor  # [Q, H/4, W/4]
+    latents: list[Tensor]  # per decoder layer [Q, 1, D]: what caption tokens attend to
 
     def upsampler(self, mask_logits: Tensor | None = None) -> MaskUpsampler:
         logits = self.mask_logits if mask_logits is None else mask_logits
@@ -201,7 +202,8 @@ class Predictor:
                     encoded[i] = EncodedImage(
                         prepared[i][0], padded, out.mask_features[j:j + 1].float(),
                         [m[j:j + 1].float() for m in out.multi_scale], out.res5[j:j + 1].float(),
-                        out.head.embeddings[j].float(), out.head.masks[j].float())
+                        out.head.embeddings[j].float(), out.head.masks[j].float(),
+                        [latent[:, j:j + 1].float() for latent in out.head.latents or []])
         return Features([e for e in encoded if e is not None])
 
     # -- text --------------------------------------------------------------------------------
@@ -348,6 +350,9 @@ class Predictor:
         return [~nearest_resize(canvas, size).flatten().to(self.device) for size in sizes]
 
     def _greedy_caption(self, image: EncodedImage, steps: int, region: np.ndarray | None) -> list[int]:
+        """Official greedy decoding (77-slot buffer of start tokens, argmax at step t written to
+        t+1), computed on the growing prefix only: everything is causal, so the ids are the
+        official ones (up to float summation order), without re-running the latent queries."""
         decoder, language = self.model.decoder, self.model.language
         mem = decoder.memory(image.multi_scale)
         block = self._region_block(image, region, mem.sizes) if region is not None else None
@@ -355,8 +360,8 @@ class Predictor:
         ids = torch.full((1, context), BOS_ID, dtype=torch.int64, device=self.device)
         vocab = language.lang_encoder.token_embedding.weight
         for step in range(min(steps, context - 1)):
-            token_emb, _ = language(ids)
-            feats = decoder.caption_features(mem, image.mask_features, token_emb, block)
+            token_emb, _ = language(ids[:, : step + 1])
+            feats = decoder.caption_prefix(mem, image.latents, token_emb, block)
             next_id = int((feats[0, step] @ vocab.t()).argmax())
             ids[0, step + 1] = next_id
             if next_id == EOS_ID:  # later tokens cannot change the text before the first EOS

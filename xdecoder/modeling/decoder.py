@@ -26,6 +26,9 @@ class HeadOutput:
     attn_mask: Tensor  # [B*heads, N, h*w] bool, True = blocked, for the next cross-attention
     logits: Tensor | None = None  # [B, N, K+1] when class text embeddings were given
     caption_features: Tensor | None = None  # [B, 77, D] captioning mode only
+    # Segmentation pass only: per layer, the latent queries after cross-attention ([Q, B, D]),
+    # which is all that caption tokens ever see of them (see ``caption_prefix``).
+    latents: list[Tensor] | None = None
 
 
 @dataclass
@@ -41,7 +44,7 @@ class CrossAttentionLayer(nn.Module):
         self.multihead_attn = nn.MultiheadAttention(dim, heads)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None, pos: Tensor, query_pos: Tensor) -> Tensor:
         out = self.multihead_attn(x + query_pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
         return self.norm(x + out)
 
@@ -52,9 +55,14 @@ class SelfAttentionLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, mask: Tensor, query_pos: Tensor) -> Tensor:
-        q = k = x + query_pos
-        return self.norm(x + self.self_attn(q, k, x, attn_mask=mask, need_weights=False)[0])
+    def forward(self, x: Tensor, mask: Tensor | None, query_pos: Tensor,
+                context: Tensor | None = None, context_pos: Tensor | None = None) -> Tensor:
+        """Self-attention of ``x``; with ``context``, ``x`` attends to cat(context, x) instead
+        (rows of a longer sequence whose other rows are already known)."""
+        keys = x if context is None else torch.cat((context, x))
+        keys_pos = query_pos if context_pos is None else torch.cat((context_pos, query_pos))
+        out = self.self_attn(x + query_pos, keys + keys_pos, keys, attn_mask=mask, need_weights=False)[0]
+        return self.norm(x + out)
 
 
 class FFNLayer(nn.Module):
@@ -171,15 +179,18 @@ class TransformerDecoder(nn.Module):
         self_mask = self._latent_self_mask(batch)
         head = self.heads(output, mask_features, mem.sizes[0], text_embeddings=text_embeddings)
         stages = [head]
+        latents = []
         for i in range(self.num_layers):
             level = i % len(mem.sizes)
             output = self.transformer_cross_attention_layers[i](
                 output, mem.src[level], unblock_full_rows(head.attn_mask), mem.pos[level], query_pos)
+            latents.append(output)
             output = self.transformer_self_attention_layers[i](output, self_mask, query_pos)
             output = self.transformer_ffn_layers[i](output)
             head = self.heads(output, mask_features, mem.sizes[(i + 1) % len(mem.sizes)],
                               text_embeddings=text_embeddings)
             stages.append(head)
+        head.latents = latents
         return stages if return_stages else head
 
     def ground(self, multi_scale: list[Tensor], mask_features: Tensor, tokens: Tensor) -> HeadOutput:
@@ -241,3 +252,30 @@ class TransformerDecoder(nn.Module):
             head = self.heads(output, mask_features, mem.sizes[(i + 1) % len(mem.sizes)], captioning=True)
         assert head.caption_features is not None
         return head.caption_features
+
+    def caption_prefix(self, mem: Memory, latents: list[Tensor], token_embeddings: Tensor,
+                       region_block: list[Tensor] | None = None) -> Tensor:
+        """Caption-token features [B, n, D] for a prefix of n tokens, from the cached latents.
+
+        Equal to the first n rows of ``caption_features`` (up to float summation order), at a
+        fraction of the cost: latent queries never attend to caption tokens, so their states
+        are those of the segmentation pass (``HeadOutput.latents``); caption tokens attend
+        causally, so tokens after the prefix cannot change it; and caption rows need no masks.
+        """
+        batch, n = token_embeddings.shape[0], token_embeddings.shape[1]
+        q = self.num_queries
+        x = token_embeddings.transpose(0, 1)
+        pos = x + self.pos_embed_caping.weight[:n, None]
+        latent_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
+        self_mask = torch.zeros(n, q + n, dtype=torch.bool, device=x.device)
+        self_mask[:, q:] = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+        for i in range(self.num_layers):
+            level = i % len(mem.sizes)
+            cross_mask = None
+            if region_block is not None:
+                rows = region_block[level].expand(batch * self.num_heads, n, -1)
+                cross_mask = unblock_full_rows(rows)
+            x = self.transformer_cross_attention_layers[i](x, mem.src[level], cross_mask, mem.pos[level], pos)
+            x = self.transformer_self_attention_layers[i](x, self_mask, pos, latents[i], latent_pos)
+            x = self.transformer_ffn_layers[i](x)
+        return self.decoder_norm(x).transpose(0, 1) @ self.caping_embed

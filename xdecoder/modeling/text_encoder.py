@@ -52,7 +52,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class TextTransformer(nn.Module):
-    """Token ids [B, 77] -> hidden states [B, 77, width]. Always causal: padding needs no mask."""
+    """Token ids [B, n<=77] -> hidden states [B, n, width]. Always causal: padding needs no mask,
+    and a prefix of the ids gives exactly the prefix of the hidden states."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -65,9 +66,9 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.positional_embedding, std=0.01)
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        x = self.token_embedding(input_ids) + self.positional_embedding
-        mask = torch.full((self.context_length, self.context_length), float("-inf"),
-                          dtype=x.dtype, device=x.device).triu_(1)
+        n = input_ids.shape[1]
+        x = self.token_embedding(input_ids) + self.positional_embedding[:n]
+        mask = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
         x = x.permute(1, 0, 2)
         for block in self.resblocks:
             x = block(x, mask)
