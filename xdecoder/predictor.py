@@ -211,7 +211,7 @@ class Predictor:
     def _sentence_embeddings(self, texts: list[str]) -> Tensor:
         ids, _ = self.tokenizer(texts)
         with self._context():
-            _, sentence = self.model.language(ids.to(self.device))
+            _, sentence = self.model.language.encode_trimmed(ids.to(self.device))
         return sentence.float()
 
     def class_embeddings(self, class_names: Sequence[str]) -> Tensor:
@@ -305,8 +305,9 @@ class Predictor:
         decoder, language = self.model.decoder, self.model.language
         results = []
         with self._context():
-            token_emb, sentence = language(ids.to(self.device))
-            tokens = token_emb[attention.bool().to(self.device)][:, None]  # [T, 1, D]
+            token_emb, sentence = language.encode_trimmed(ids.to(self.device))
+            valid = attention[:, : token_emb.shape[1]].bool().to(self.device)
+            tokens = token_emb[valid][:, None]  # [T, 1, D]: every phrase's tokens, start to end
             t = sentence / (sentence.norm(dim=-1, keepdim=True) + 1e-7)
             scale = language.logit_scale.exp().clamp(max=100)
             for image in features:
