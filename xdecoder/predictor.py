@@ -360,9 +360,10 @@ class Predictor:
         context = decoder.context_length
         ids = torch.full((1, context), BOS_ID, dtype=torch.int64, device=self.device)
         vocab = language.lang_encoder.token_embedding.weight
+        memory_kv = decoder.memory_keys_values(mem)
         for step in range(min(steps, context - 1)):
             token_emb, _ = language(ids[:, : step + 1])
-            feats = decoder.caption_prefix(mem, image.latents, token_emb, block)
+            feats = decoder.caption_prefix(mem, image.latents, token_emb, block, memory_kv)
             next_id = int((feats[0, step] @ vocab.t()).argmax())
             ids[0, step + 1] = next_id
             if next_id == EOS_ID:  # later tokens cannot change the text before the first EOS

@@ -48,6 +48,25 @@ class CrossAttentionLayer(nn.Module):
         out = self.multihead_attn(x + query_pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
         return self.norm(x + out)
 
+    def project_memory(self, memory: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of the memory [S, B, D]: fixed for an image, reusable across queries."""
+        d = memory.shape[-1]
+        w, b = self.multihead_attn.in_proj_weight, self.multihead_attn.in_proj_bias
+        return F.linear(memory + pos, w[d:2 * d], b[d:2 * d]), F.linear(memory, w[2 * d:], b[2 * d:])
+
+    def attend(self, x: Tensor, query_pos: Tensor, keys: Tensor, values: Tensor,
+               mask: Tensor | None = None) -> Tensor:
+        """``forward`` with projected memory (``project_memory``); same heads layout as torch's MHA."""
+        (n, batch, d), s = x.shape, keys.shape[0]
+        heads = self.multihead_attn.num_heads
+        w, b = self.multihead_attn.in_proj_weight, self.multihead_attn.in_proj_bias
+        q = F.linear(x + query_pos, w[:d], b[:d]).reshape(n, batch * heads, d // heads).transpose(0, 1)
+        k = keys.reshape(s, batch * heads, d // heads).transpose(0, 1)
+        v = values.reshape(s, batch * heads, d // heads).transpose(0, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask)
+        out = self.multihead_attn.out_proj(out.transpose(0, 1).reshape(n, batch, d))
+        return self.norm(x + out)
+
 
 class SelfAttentionLayer(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
@@ -253,15 +272,23 @@ class TransformerDecoder(nn.Module):
         assert head.caption_features is not None
         return head.caption_features
 
+    def memory_keys_values(self, mem: Memory) -> list[tuple[Tensor, Tensor]]:
+        """Per layer, the cross-attention keys and values of its memory level."""
+        return [layer.project_memory(mem.src[i % len(mem.sizes)], mem.pos[i % len(mem.sizes)])
+                for i, layer in enumerate(self.transformer_cross_attention_layers)]
+
     def caption_prefix(self, mem: Memory, latents: list[Tensor], token_embeddings: Tensor,
-                       region_block: list[Tensor] | None = None) -> Tensor:
+                       region_block: list[Tensor] | None = None,
+                       memory_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
         """Caption-token features [B, n, D] for a prefix of n tokens, from the cached latents.
 
         Equal to the first n rows of ``caption_features`` (up to float summation order), at a
         fraction of the cost: latent queries never attend to caption tokens, so their states
         are those of the segmentation pass (``HeadOutput.latents``); caption tokens attend
         causally, so tokens after the prefix cannot change it; and caption rows need no masks.
+        Pass ``memory_kv`` (``memory_keys_values``) to reuse the memory projections across steps.
         """
+        memory_kv = memory_kv or self.memory_keys_values(mem)
         batch, n = token_embeddings.shape[0], token_embeddings.shape[1]
         q = self.num_queries
         x = token_embeddings.transpose(0, 1)
@@ -275,7 +302,7 @@ class TransformerDecoder(nn.Module):
             if region_block is not None:
                 rows = region_block[level].expand(batch * self.num_heads, n, -1)
                 cross_mask = unblock_full_rows(rows)
-            x = self.transformer_cross_attention_layers[i](x, mem.src[level], cross_mask, mem.pos[level], pos)
+            x = self.transformer_cross_attention_layers[i].attend(x, pos, *memory_kv[i], mask=cross_mask)
             x = self.transformer_self_attention_layers[i](x, self_mask, pos, latents[i], latent_pos)
             x = self.transformer_ffn_layers[i](x)
         return self.decoder_norm(x).transpose(0, 1) @ self.caping_embed
