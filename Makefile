@@ -19,7 +19,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/xdlabel demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

@@ -110,3 +110,25 @@ def test_missing_file_and_bad_hub_uri(tmp_path: Path) -> None:
         resolve(tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="hf://owner/repo/file"):
         resolve("hf://xdecoder/xdecoder_focalt_last.pt")
+
+
+def test_hub_source_resolves_from_the_local_cache(parity_model: XDecoder, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf:// goes through huggingface_hub. No hub is reachable here, so the test lays out the
+    hub cache as a download leaves it and runs huggingface_hub offline against it."""
+    snapshot = tmp_path / "hub" / "models--xdecoder--X-Decoder" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    torch.save(official_state_dict(parity_model), snapshot / "xdecoder_parity.pt")
+    (tmp_path / "hub" / "models--xdecoder--X-Decoder" / "refs").mkdir()
+    (tmp_path / "hub" / "models--xdecoder--X-Decoder" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    loaded = load_checkpoint(build_model("parity"), "hf://xdecoder/X-Decoder/xdecoder_parity.pt")
+    assert loaded.path == snapshot / "xdecoder_parity.pt"
+    assert len(loaded.sha256) == 64
+    with pytest.raises(Exception, match="(?i)offline|cache|not found|connect"):
+        resolve("hf://xdecoder/X-Decoder/xdecoder_focalt_last.pt")  # not cached: a clear error, no hang
