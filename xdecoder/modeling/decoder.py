@@ -125,11 +125,11 @@ class TransformerDecoder(nn.Module):
         self.class_embed = nn.Parameter(torch.empty(d, dim_proj))
         self.caping_embed = nn.Parameter(torch.empty(d, dim_proj))
         self.register_buffer("self_attn_mask", fixed_self_attn_mask(q, text.context_length))
-        self.transformer_self_attention_layers = nn.ModuleList(
+        self.transformer_self_attention_layers: list[SelfAttentionLayer] = nn.ModuleList(  # type: ignore[assignment]
             SelfAttentionLayer(d, cfg.num_heads) for _ in range(cfg.num_layers))
-        self.transformer_cross_attention_layers = nn.ModuleList(
+        self.transformer_cross_attention_layers: list[CrossAttentionLayer] = nn.ModuleList(  # type: ignore[assignment]
             CrossAttentionLayer(d, cfg.num_heads) for _ in range(cfg.num_layers))
-        self.transformer_ffn_layers = nn.ModuleList(
+        self.transformer_ffn_layers: list[FFNLayer] = nn.ModuleList(  # type: ignore[assignment]
             FFNLayer(d, cfg.dim_feedforward) for _ in range(cfg.num_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.query_feat = nn.Embedding(q, d)
