@@ -143,6 +143,11 @@ def test_region_captioning(predictor: Predictor, other: Image.Image) -> None:
     corner = np.zeros((240, 320), dtype=bool)
     corner[:60, :80] = True
     assert isinstance(predictor.caption(features, [corner])[0], str)
+    # In a batch, each image keeps its own region (or none).
+    pair = predictor.encode([other, other.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    flipped = predictor.encode(other.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    assert predictor.caption_ids(pair, [corner, None]) == \
+        predictor.caption_ids(features, [corner]) + predictor.caption_ids(flipped)
     with pytest.raises(ValueError, match="shape"):
         predictor.caption(features, [np.ones((10, 10), dtype=bool)])
 

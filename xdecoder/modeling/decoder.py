@@ -248,7 +248,7 @@ class TransformerDecoder(nn.Module):
         """One captioning pass; returns the caption-token features [B, 77, D] of the last head.
 
         ``token_embeddings`` [B, 77, D] are the text encoder's outputs for the current buffer.
-        ``region_block`` (per level, [h*w] bool) blocks memory outside a region for the caption rows.
+        ``region_block`` (per level, [B, h*w] bool) blocks memory outside a region for the caption rows.
         """
         batch = mask_features.shape[0]
         latents, latent_pos = self._queries(batch)
@@ -262,7 +262,7 @@ class TransformerDecoder(nn.Module):
             attn = unblock_full_rows(head.attn_mask)
             rows = torch.zeros_like(attn[:, : self.context_length])
             if region_block is not None:
-                rows[:] = region_block[level]
+                rows[:] = region_block[level].repeat_interleave(self.num_heads, 0)[:, None]
             attn = torch.cat((attn, rows), dim=1)
             output = self.transformer_cross_attention_layers[i](
                 output, mem.src[level], attn, mem.pos[level], query_pos)
@@ -300,8 +300,8 @@ class TransformerDecoder(nn.Module):
             level = i % len(mem.sizes)
             cross_mask = None
             if region_block is not None:
-                rows = region_block[level].expand(batch * self.num_heads, n, -1)
-                cross_mask = unblock_full_rows(rows)
+                rows = region_block[level].repeat_interleave(self.num_heads, 0)[:, None]
+                cross_mask = unblock_full_rows(rows.expand(-1, n, -1))
             x = self.transformer_cross_attention_layers[i].attend(x, pos, *memory_kv[i], mask=cross_mask)
             x = self.transformer_self_attention_layers[i](x, self_mask, pos, latents[i], latent_pos)
             x = self.transformer_ffn_layers[i](x)
