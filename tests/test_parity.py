@@ -298,15 +298,20 @@ def test_captioning(golden: Golden, golden_meta: dict[str, Any], parity_model: X
     vocab = parity_model.language.lang_encoder.token_embedding.weight
     with torch.inference_mode():
         mem = decoder.memory(image_a.multi_scale)
+        state = decoder.caption_start(mem, image_a.latents)
+        text_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         for step in range(golden["cap_step_top5_ids"].shape[0]):
             token_emb, _ = parity_model.language(ids)
             step_logits = decoder.caption_features(mem, image_a.mask_features, token_emb)[0, step] @ vocab.t()
             top = step_logits.topk(5)
             assert top.indices.tolist() == golden["cap_step_top5_ids"][step].tolist()
             check("cap_step_top5_logits", top.values, golden["cap_step_top5_logits"][step])
-            # The predictor's fast path: the prefix only, over the cached latent queries.
-            prefix = decoder.caption_prefix(mem, image_a.latents, token_emb[:, : step + 1])[0, step] @ vocab.t()
-            check("cap_step_top5_logits (prefix path)", prefix[top.indices], golden["cap_step_top5_logits"][step])
+            # The predictor's incremental path, over the cached latent queries.
+            step_emb = parity_model.language.step(ids[:, step], step, text_cache)
+            if step == 0:
+                check("cap_step0_lang_token_emb (incremental)", step_emb[0], golden["cap_step0_lang_token_emb"][0, 0])
+            fast = decoder.caption_step(state, step_emb, step)[0] @ vocab.t()
+            check("cap_step_top5_logits (incremental)", fast[top.indices], golden["cap_step_top5_logits"][step])
             ids[0, step + 1] = top.indices[0]
     ids = predictor.caption_ids(features)[0]
     assert ids == golden["cap_token_ids"].tolist()

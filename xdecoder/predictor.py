@@ -363,8 +363,9 @@ class Predictor:
     def _greedy_captions(self, images: list[EncodedImage], steps: int, regions: list[np.ndarray | None]
                          ) -> list[list[int]]:
         """Official greedy decoding (77-slot buffer of start tokens, argmax at step t written to
-        t+1), computed on the growing prefix only: everything is causal, so the ids are the
-        official ones (up to float summation order), without re-running the latent queries.
+        t+1), computed incrementally: text encoder and caption tokens are causal and latent
+        queries never see caption tokens, so each position is computed once, against the
+        segmentation pass's latent states; the ids are the official ones (up to float order).
         ``images`` share one padded size, so their memories stack into one batch."""
         decoder, language = self.model.decoder, self.model.language
         mems = [decoder.memory(image.multi_scale) for image in images]
@@ -372,6 +373,7 @@ class Predictor:
                      [torch.cat(level, dim=1) for level in zip(*(m.pos for m in mems), strict=True)],
                      mems[0].sizes)
         latents = [torch.cat(layer, dim=1) for layer in zip(*(image.latents for image in images), strict=True)]
+        # Incremental decoding: every computation is causal, so each position is computed once.
         block = None
         if any(r is not None for r in regions):
             per_image = [self._region_block(image, r, mem.sizes) for image, r in zip(images, regions, strict=True)]
@@ -380,11 +382,11 @@ class Predictor:
         ids = torch.full((len(images), context), BOS_ID, dtype=torch.int64, device=self.device)
         finished = torch.zeros(len(images), dtype=torch.bool, device=self.device)
         vocab = language.lang_encoder.token_embedding.weight
-        memory_kv = decoder.memory_keys_values(mem)
+        state = decoder.caption_start(mem, latents, block)
+        text_cache: list[tuple[Tensor, Tensor]] = []
         for step in range(min(steps, context - 1)):
-            token_emb, _ = language(ids[:, : step + 1])
-            feats = decoder.caption_prefix(mem, latents, token_emb, block, memory_kv)
-            next_ids = (feats[:, step] @ vocab.t()).argmax(-1)
+            token_emb = language.step(ids[:, step], step, text_cache)
+            next_ids = (decoder.caption_step(state, token_emb, step) @ vocab.t()).argmax(-1)
             # A finished caption keeps its start-token filler, as a lone run that stopped would.
             ids[:, step + 1] = torch.where(finished, BOS_ID, next_ids)
             finished |= next_ids == EOS_ID

@@ -78,3 +78,29 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     with torch.autocast(flat.device.type, enabled=False):
         out = F.interpolate(flat.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
     return out.reshape(*lead, *size)
+
+
+def project_keys_values(attn: nn.MultiheadAttention, inputs: Tensor, pos: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor]:
+    """An ``nn.MultiheadAttention``'s keys (of inputs + pos) and values (of inputs), [S, B, D]."""
+    d = inputs.shape[-1]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    return (F.linear(inputs if pos is None else inputs + pos, w[d:2 * d], b[d:2 * d]),
+            F.linear(inputs, w[2 * d:], b[2 * d:]))
+
+
+def attend_projected(attn: nn.MultiheadAttention, queries: Tensor, keys: Tensor, values: Tensor,
+                     mask: Tensor | None = None) -> Tensor:
+    """``attn(queries, ., .)`` over keys/values from ``project_keys_values`` (so they can be cached).
+
+    Same head layout as torch's MHA: [L, B, D] -> [B*heads, L, D/heads]; ``mask`` is
+    [B*heads, L, S] bool with True = blocked.
+    """
+    (n, batch, d), s = queries.shape, keys.shape[0]
+    heads = attn.num_heads
+    q = F.linear(queries, attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+    q = q.reshape(n, batch * heads, d // heads).transpose(0, 1)
+    k = keys.reshape(s, batch * heads, d // heads).transpose(0, 1)
+    v = values.reshape(s, batch * heads, d // heads).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask)
+    return attn.out_proj(out.transpose(0, 1).reshape(n, batch, d))

@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xdecoder.config import DecoderConfig, TextConfig
-from xdecoder.modeling.common import MLP, resize_masks, sine_position_embedding
+from xdecoder.modeling.common import (
+    MLP,
+    attend_projected,
+    project_keys_values,
+    resize_masks,
+    sine_position_embedding,
+)
 from xdecoder.modeling.text_encoder import LanguageEncoder
 
 
@@ -29,6 +35,16 @@ class HeadOutput:
     # Segmentation pass only: per layer, the latent queries after cross-attention ([Q, B, D]),
     # which is all that caption tokens ever see of them (see ``caption_prefix``).
     latents: list[Tensor] | None = None
+
+
+@dataclass
+class CaptionState:
+    """Incremental greedy captioning of a batch: everything earlier steps computed, by layer."""
+
+    memory_kv: list[tuple[Tensor, Tensor]]  # cross-attention keys/values of the memory
+    latent_kv: list[tuple[Tensor, Tensor]]  # self-attention keys/values of the latent queries
+    caption_kv: list[tuple[Tensor, Tensor]]  # self-attention keys/values of caption tokens so far
+    region_rows: list[Tensor] | None  # per level [B*heads, 1, h*w] bool, True = outside the region
 
 
 @dataclass
@@ -48,24 +64,10 @@ class CrossAttentionLayer(nn.Module):
         out = self.multihead_attn(x + query_pos, memory + pos, memory, attn_mask=mask, need_weights=False)[0]
         return self.norm(x + out)
 
-    def project_memory(self, memory: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values of the memory [S, B, D]: fixed for an image, reusable across queries."""
-        d = memory.shape[-1]
-        w, b = self.multihead_attn.in_proj_weight, self.multihead_attn.in_proj_bias
-        return F.linear(memory + pos, w[d:2 * d], b[d:2 * d]), F.linear(memory, w[2 * d:], b[2 * d:])
-
     def attend(self, x: Tensor, query_pos: Tensor, keys: Tensor, values: Tensor,
                mask: Tensor | None = None) -> Tensor:
-        """``forward`` with projected memory (``project_memory``); same heads layout as torch's MHA."""
-        (n, batch, d), s = x.shape, keys.shape[0]
-        heads = self.multihead_attn.num_heads
-        w, b = self.multihead_attn.in_proj_weight, self.multihead_attn.in_proj_bias
-        q = F.linear(x + query_pos, w[:d], b[:d]).reshape(n, batch * heads, d // heads).transpose(0, 1)
-        k = keys.reshape(s, batch * heads, d // heads).transpose(0, 1)
-        v = values.reshape(s, batch * heads, d // heads).transpose(0, 1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else ~mask)
-        out = self.multihead_attn.out_proj(out.transpose(0, 1).reshape(n, batch, d))
-        return self.norm(x + out)
+        """``forward`` over memory keys/values projected once (``project_keys_values``)."""
+        return self.norm(x + attend_projected(self.multihead_attn, x + query_pos, keys, values, mask))
 
 
 class SelfAttentionLayer(nn.Module):
@@ -74,14 +76,13 @@ class SelfAttentionLayer(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, mask: Tensor | None, query_pos: Tensor,
-                context: Tensor | None = None, context_pos: Tensor | None = None) -> Tensor:
-        """Self-attention of ``x``; with ``context``, ``x`` attends to cat(context, x) instead
-        (rows of a longer sequence whose other rows are already known)."""
-        keys = x if context is None else torch.cat((context, x))
-        keys_pos = query_pos if context_pos is None else torch.cat((context_pos, query_pos))
-        out = self.self_attn(x + query_pos, keys + keys_pos, keys, attn_mask=mask, need_weights=False)[0]
-        return self.norm(x + out)
+    def forward(self, x: Tensor, mask: Tensor, query_pos: Tensor) -> Tensor:
+        q = k = x + query_pos
+        return self.norm(x + self.self_attn(q, k, x, attn_mask=mask, need_weights=False)[0])
+
+    def attend(self, x: Tensor, query_pos: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Rows ``x`` of a longer sequence attend to its (cached) keys and values, unmasked."""
+        return self.norm(x + attend_projected(self.self_attn, x + query_pos, keys, values))
 
 
 class FFNLayer(nn.Module):
@@ -272,37 +273,48 @@ class TransformerDecoder(nn.Module):
         assert head.caption_features is not None
         return head.caption_features
 
-    def memory_keys_values(self, mem: Memory) -> list[tuple[Tensor, Tensor]]:
-        """Per layer, the cross-attention keys and values of its memory level."""
-        return [layer.project_memory(mem.src[i % len(mem.sizes)], mem.pos[i % len(mem.sizes)])
-                for i, layer in enumerate(self.transformer_cross_attention_layers)]
+    def caption_start(self, mem: Memory, latents: list[Tensor], region_block: list[Tensor] | None = None
+                      ) -> CaptionState:
+        """Prepare incremental captioning (``caption_step``) for a batch.
 
-    def caption_prefix(self, mem: Memory, latents: list[Tensor], token_embeddings: Tensor,
-                       region_block: list[Tensor] | None = None,
-                       memory_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        """Caption-token features [B, n, D] for a prefix of n tokens, from the cached latents.
-
-        Equal to the first n rows of ``caption_features`` (up to float summation order), at a
-        fraction of the cost: latent queries never attend to caption tokens, so their states
-        are those of the segmentation pass (``HeadOutput.latents``); caption tokens attend
-        causally, so tokens after the prefix cannot change it; and caption rows need no masks.
-        Pass ``memory_kv`` (``memory_keys_values``) to reuse the memory projections across steps.
+        ``latents``: per layer the latent queries after cross-attention ([Q, B, D], from the
+        segmentation pass, ``HeadOutput.latents``); latent queries never attend to caption
+        tokens, so these are their states in every captioning step too. ``region_block``
+        (per level, [B, h*w] bool) blocks memory outside a region for the caption tokens.
         """
-        memory_kv = memory_kv or self.memory_keys_values(mem)
-        batch, n = token_embeddings.shape[0], token_embeddings.shape[1]
-        q = self.num_queries
-        x = token_embeddings.transpose(0, 1)
-        pos = x + self.pos_embed_caping.weight[:n, None]
+        batch = latents[0].shape[1]
         latent_pos = self.query_embed.weight.unsqueeze(1).repeat(1, batch, 1)
-        self_mask = torch.zeros(n, q + n, dtype=torch.bool, device=x.device)
-        self_mask[:, q:] = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+        levels = len(mem.sizes)
+        memory_kv = [project_keys_values(layer.multihead_attn, mem.src[i % levels], mem.pos[i % levels])
+                     for i, layer in enumerate(self.transformer_cross_attention_layers)]
+        latent_kv = [project_keys_values(layer.self_attn, latents[i], latent_pos)
+                     for i, layer in enumerate(self.transformer_self_attention_layers)]
+        rows = None
+        if region_block is not None:
+            rows = [unblock_full_rows(b.repeat_interleave(self.num_heads, 0)[:, None]) for b in region_block]
+        return CaptionState(memory_kv, latent_kv, [], rows)
+
+    def caption_step(self, state: CaptionState, token_embedding: Tensor, position: int) -> Tensor:
+        """Caption features [B, D] at ``position`` given the text encoder's embedding of the token
+        there ([B, D]); earlier positions come from ``state``, which this call extends.
+
+        Equal to row ``position`` of ``caption_features`` over the full 77-slot buffer (up to
+        float summation order): caption tokens attend causally, so later slots cannot change it.
+        """
+        x = token_embedding[None]
+        pos = x + self.pos_embed_caping.weight[position]
+        levels = len(self.level_embed.weight)
         for i in range(self.num_layers):
-            level = i % len(mem.sizes)
-            cross_mask = None
-            if region_block is not None:
-                rows = region_block[level].repeat_interleave(self.num_heads, 0)[:, None]
-                cross_mask = unblock_full_rows(rows.expand(-1, n, -1))
-            x = self.transformer_cross_attention_layers[i].attend(x, pos, *memory_kv[i], mask=cross_mask)
-            x = self.transformer_self_attention_layers[i](x, self_mask, pos, latents[i], latent_pos)
+            mask = state.region_rows[i % levels] if state.region_rows is not None else None
+            x = self.transformer_cross_attention_layers[i].attend(x, pos, *state.memory_kv[i], mask=mask)
+            self_layer = self.transformer_self_attention_layers[i]
+            k, v = project_keys_values(self_layer.self_attn, x, pos)
+            if len(state.caption_kv) > i:
+                k, v = torch.cat((state.caption_kv[i][0], k)), torch.cat((state.caption_kv[i][1], v))
+                state.caption_kv[i] = (k, v)
+            else:
+                state.caption_kv.append((k, v))
+            latent_k, latent_v = state.latent_kv[i]
+            x = self_layer.attend(x, pos, torch.cat((latent_k, k)), torch.cat((latent_v, v)))
             x = self.transformer_ffn_layers[i](x)
-        return self.decoder_norm(x).transpose(0, 1) @ self.caping_embed
+        return self.decoder_norm(x[0]) @ self.caping_embed

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from xdecoder.config import TextConfig
+from xdecoder.modeling.common import attend_projected, project_keys_values
 
 
 class TFLayerNorm(nn.Module):
@@ -37,6 +38,9 @@ class QuickGELUMlp(nn.Module):
         return self.c_proj(x * torch.sigmoid(1.702 * x))
 
 
+TextCache = list[tuple[Tensor, Tensor]]  # per block, keys and values of the positions so far
+
+
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -50,6 +54,15 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(y, y, y, need_weights=False, attn_mask=causal_mask)[0]
         return x + self.mlp(self.ln_2(x))
 
+    def step(self, x: Tensor, cache: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One new position x [1, B, C] attending to the cached earlier ones (causal by construction)."""
+        y = self.ln_1(x)
+        k, v = project_keys_values(self.attn, y)
+        if cache is not None:
+            k, v = torch.cat((cache[0], k)), torch.cat((cache[1], v))
+        x = x + attend_projected(self.attn, y, k, v)
+        return x + self.mlp(self.ln_2(x)), (k, v)
+
 
 class TextTransformer(nn.Module):
     """Token ids [B, n<=77] -> hidden states [B, n, width]. Always causal: padding needs no mask,
@@ -60,7 +73,7 @@ class TextTransformer(nn.Module):
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.resblocks = nn.ModuleList(
+        self.resblocks: list[ResidualAttentionBlock] = nn.ModuleList(  # type: ignore[assignment]
             ResidualAttentionBlock(cfg.width, cfg.heads) for _ in range(cfg.layers))
         self.ln_final = TFLayerNorm(cfg.width)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -73,6 +86,17 @@ class TextTransformer(nn.Module):
         for block in self.resblocks:
             x = block(x, mask)
         return self.ln_final(x.permute(1, 0, 2))
+
+    def step(self, token_ids: Tensor, position: int, cache: TextCache) -> Tensor:
+        """Hidden state [B, C] of the token at ``position`` (ids [B]); ``cache`` grows by one position."""
+        x = (self.token_embedding(token_ids) + self.positional_embedding[position])[None]
+        for i, block in enumerate(self.resblocks):
+            x, kv = block.step(x, cache[i] if i < len(cache) else None)
+            if i < len(cache):
+                cache[i] = kv
+            else:
+                cache.append(kv)
+        return self.ln_final(x[0])
 
 
 class LanguageEncoder(nn.Module):
@@ -103,3 +127,7 @@ class LanguageEncoder(nn.Module):
         """
         n = int(input_ids.argmax(-1).max()) + 1
         return self(input_ids[:, :n])
+
+    def step(self, token_ids: Tensor, position: int, cache: TextCache) -> Tensor:
+        """Token embedding [B, D] (@ lang_proj) of one new position; see ``TextTransformer.step``."""
+        return self.lang_encoder.step(token_ids, position, cache) @ self.lang_proj
