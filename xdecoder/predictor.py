@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xdecoder.modeling.common import resize_masks
 from xdecoder.modeling.decoder import HeadOutput, Memory
 from xdecoder.modeling.xdecoder import SIZE_DIVISIBILITY, XDecoder
 from xdecoder.postprocess import (
@@ -421,7 +420,8 @@ class Predictor:
         with self._context():
             for image in features:
                 q = image.embeddings.shape[0]
-                low = resize_masks(image.mask_logits[None], image.padded)[0]
+                # Choose and de-duplicate at the decoder's 1/4 resolution; upsample only the chosen.
+                low = image.mask_logits
                 binary = low > 0
                 area = binary.flatten(1).sum(1)
                 quality = (low.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (area + 1e-6)
