@@ -1,0 +1,266 @@
+"""SQL + FAISS together: SQL holds every vector and is the truth; indexes follow it.
+
+An index is loaded from disk only after its manifest agrees with SQL (count, sum and max of
+ids); a stale index is brought up to date by adding and removing the ids that differ, and a
+missing or corrupt one is rebuilt from the vectors in SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Select, delete, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from index.models import Embedding, Image, ImageTag
+from index.vectors import IndexParams, Manifest, VectorIndex
+
+log = logging.getLogger(__name__)
+KINDS = ("image", "region")
+
+
+def to_bytes(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def from_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4")
+
+
+@dataclass(frozen=True)
+class Filters:
+    dataset_ids: Sequence[int] = ()
+    tags: Sequence[str] = ()  # every tag must be present
+    meta: dict[str, Any] = field(default_factory=dict)  # equality on top-level metadata fields
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.dataset_ids or self.tags or self.meta or self.created_after or self.created_before)
+
+
+@dataclass(frozen=True)
+class Hit:
+    embedding_id: int
+    image_id: int
+    score: float
+    box: list[float] | None = None
+    mask_rle: dict[str, Any] | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    action: str  # loaded | updated | rebuilt
+    count: int
+    added: int = 0
+    removed: int = 0
+
+
+@dataclass(frozen=True)
+class NewEmbedding:
+    image_id: int
+    kind: str
+    vector: np.ndarray
+    box: list[float] | None = None
+    mask_rle: dict[str, Any] | None = None
+    score: float | None = None
+    label: str | None = None
+
+
+def filtered_ids(model_version_id: int, kind: str, filters: Filters) -> Select[Any]:
+    """SQL for the embedding ids that pass ``filters``."""
+    query = select(Embedding.id).where(Embedding.model_version_id == model_version_id, Embedding.kind == kind)
+    if filters.empty:
+        return query
+    query = query.join(Image, Image.id == Embedding.image_id)
+    if filters.dataset_ids:
+        query = query.where(Image.dataset_id.in_(list(filters.dataset_ids)))
+    for tag in filters.tags:
+        query = query.where(select(ImageTag.image_id).where(ImageTag.image_id == Image.id,
+                                                            ImageTag.tag == tag).exists())
+    for key, value in filters.meta.items():
+        column = Image.meta[key]
+        if isinstance(value, bool):
+            query = query.where(column.as_boolean() == value)
+        elif isinstance(value, int | float):
+            query = query.where(column.as_float() == float(value))
+        else:
+            query = query.where(column.as_string() == str(value))
+    if filters.created_after is not None:
+        query = query.where(Image.created_at >= filters.created_after)
+    if filters.created_before is not None:
+        query = query.where(Image.created_at < filters.created_before)
+    return query
+
+
+class RetrievalStore:
+    def __init__(self, sessions: sessionmaker[Session], index_dir: Path, params: IndexParams | None = None
+                 ) -> None:
+        self.sessions = sessions
+        self.index_dir = Path(index_dir)
+        self.params = params or IndexParams()
+        self._indexes: dict[tuple[int, str], VectorIndex] = {}
+        self._lock = threading.Lock()
+
+    # -- indexes ------------------------------------------------------------------------------
+
+    def _path(self, model_version_id: int, kind: str) -> Path:
+        return self.index_dir / f"mv{model_version_id}-{kind}.faiss"
+
+    def _sql_manifest(self, session: Session, model_version_id: int, kind: str) -> tuple[int, int, int]:
+        count, total, top = session.execute(
+            select(func.count(Embedding.id), func.coalesce(func.sum(Embedding.id), 0),
+                   func.coalesce(func.max(Embedding.id), 0))
+            .where(Embedding.model_version_id == model_version_id, Embedding.kind == kind)).one()
+        return int(count), int(total), int(top)
+
+    def _vectors(self, session: Session, ids: Iterable[int] | None, model_version_id: int,
+                 kind: str) -> tuple[np.ndarray, np.ndarray]:
+        query = select(Embedding.id, Embedding.vector).where(
+            Embedding.model_version_id == model_version_id, Embedding.kind == kind)
+        if ids is not None:
+            query = query.where(Embedding.id.in_(list(ids)))
+        rows = session.execute(query.order_by(Embedding.id)).all()
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+        return (np.array([r[0] for r in rows], dtype=np.int64),
+                np.stack([from_bytes(r[1]) for r in rows]))
+
+    def index(self, model_version_id: int, kind: str, dim: int) -> VectorIndex:
+        """The index of (model version, kind), verified against SQL on first use in this process."""
+        key = (model_version_id, kind)
+        with self._lock:
+            if key not in self._indexes:
+                self._indexes[key], report = self._open(model_version_id, kind, dim)
+                log.info("index mv%s-%s %s (%d vectors)", model_version_id, kind, report.action, report.count)
+            return self._indexes[key]
+
+    def sync(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
+        with self._lock:
+            self._indexes.pop((model_version_id, kind), None)
+            index, report = self._open(model_version_id, kind, dim)
+            self._indexes[(model_version_id, kind)] = index
+            return report
+
+    def _open(self, model_version_id: int, kind: str, dim: int) -> tuple[VectorIndex, SyncReport]:
+        path = self._path(model_version_id, kind)
+        with self.sessions() as session:
+            count, total, top = self._sql_manifest(session, model_version_id, kind)
+            try:
+                index, manifest = VectorIndex.load(path, self.params)
+                if index.dim != dim:
+                    raise ValueError(f"dimension {index.dim} != {dim}")
+            except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:
+                if path.exists():
+                    log.warning("index %s unusable (%s); rebuilding from SQL", path, err)
+                return self._rebuild(session, model_version_id, kind, dim)
+            log.debug("manifest %s vs SQL %s", manifest, (count, total, top))
+            if (manifest.count, manifest.id_sum, manifest.id_max) == (count, total, top):
+                return index, SyncReport("loaded", count)
+            # Stale: apply the difference.
+            sql_ids = np.array(session.scalars(select(Embedding.id).where(
+                Embedding.model_version_id == model_version_id, Embedding.kind == kind)).all(), dtype=np.int64)
+            have = index.ids()
+            extra = np.setdiff1d(have, sql_ids)
+            missing = np.setdiff1d(sql_ids, have)
+            index.remove(extra)
+            ids, vectors = self._vectors(session, missing.tolist(), model_version_id, kind)
+            index.add(ids, vectors)
+            index.save(path)
+            return index, SyncReport("updated", index.ntotal, added=len(ids), removed=len(extra))
+
+    def _rebuild(self, session: Session, model_version_id: int, kind: str, dim: int
+                 ) -> tuple[VectorIndex, SyncReport]:
+        ids, vectors = self._vectors(session, None, model_version_id, kind)
+        index = VectorIndex.build(dim, ids, vectors if len(ids) else np.zeros((0, dim), np.float32), self.params)
+        index.save(self._path(model_version_id, kind))
+        return index, SyncReport("rebuilt", index.ntotal, added=len(ids))
+
+    def rebuild(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
+        with self._lock, self.sessions() as session:
+            index, report = self._rebuild(session, model_version_id, kind, dim)
+            self._indexes[(model_version_id, kind)] = index
+            return report
+
+    def save(self) -> dict[tuple[int, str], Manifest]:
+        with self._lock:
+            return {key: index.save(self._path(*key)) for key, index in self._indexes.items()}
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def add_embeddings(self, session: Session, model_version_id: int, dim: int,
+                       items: Sequence[NewEmbedding]) -> list[int]:
+        """Insert rows in ``session``'s transaction and commit, then add them to the indexes.
+
+        A crash between the commit and the index update leaves the index stale, which the next
+        ``index()`` in any process repairs from SQL.
+        """
+        # Open (or rebuild) the indexes before the commit, so the new rows are added exactly once.
+        indexes = {kind: self.index(model_version_id, kind, dim) for kind in {item.kind for item in items}
+                   if kind in KINDS}
+        rows = []
+        for item in items:
+            if item.kind not in KINDS:
+                raise ValueError(f"kind must be one of {KINDS}, got {item.kind!r}")
+            vector = np.asarray(item.vector, dtype=np.float32)
+            if vector.shape != (dim,):
+                raise ValueError(f"expected a vector of dimension {dim}, got shape {vector.shape}")
+            rows.append(Embedding(model_version_id=model_version_id, image_id=item.image_id, kind=item.kind,
+                                  vector=to_bytes(vector), box=item.box, mask_rle=item.mask_rle,
+                                  score=item.score, label=item.label))
+        session.add_all(rows)
+        session.commit()
+        for kind in KINDS:
+            chosen = [(row.id, item.vector) for row, item in zip(rows, items, strict=True) if item.kind == kind]
+            if chosen:
+                indexes[kind].add(np.array([c[0] for c in chosen]), np.stack([c[1] for c in chosen]))
+        return [row.id for row in rows]
+
+    def remove_images(self, session: Session, image_ids: Sequence[int]) -> int:
+        """Delete images (their embeddings cascade) and drop their vectors from loaded indexes."""
+        doomed = session.execute(select(Embedding.id, Embedding.model_version_id, Embedding.kind)
+                                 .where(Embedding.image_id.in_(list(image_ids)))).all()
+        session.execute(delete(Embedding).where(Embedding.image_id.in_(list(image_ids))))
+        session.execute(delete(Image).where(Image.id.in_(list(image_ids))))
+        session.commit()
+        with self._lock:
+            for (mv, kind), index in self._indexes.items():
+                index.remove(np.array([d[0] for d in doomed if d[1] == mv and d[2] == kind], dtype=np.int64))
+        return len(doomed)
+
+    # -- search -------------------------------------------------------------------------------
+
+    def search(self, model_version_id: int, kind: str, queries: np.ndarray, k: int = 10, *,
+               filters: Filters | None = None, offset: int = 0, min_score: float | None = None,
+               nprobe: int | None = None) -> list[list[Hit]]:
+        """Top hits per query row, best first; ``offset`` skips that many for paging."""
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        index = self.index(model_version_id, kind, queries.shape[1])
+        filters = filters or Filters()
+        with self.sessions() as session:
+            allowed = None
+            if not filters.empty:
+                allowed = np.array(session.scalars(filtered_ids(model_version_id, kind, filters)).all(),
+                                   dtype=np.int64)
+            scores, ids = index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
+            wanted = {int(i) for i in ids[:, offset:].ravel() if i >= 0}
+            rows = {e.id: e for e in session.scalars(select(Embedding).where(Embedding.id.in_(wanted)))}
+        results = []
+        for row_scores, row_ids in zip(scores[:, offset:], ids[:, offset:], strict=True):
+            hits = []
+            for score, i in zip(row_scores, row_ids, strict=True):
+                if i < 0 or int(i) not in rows or (min_score is not None and score < min_score):
+                    continue
+                e = rows[int(i)]
+                hits.append(Hit(e.id, e.image_id, float(score), e.box, e.mask_rle, e.label))
+            results.append(hits)
+        return results
