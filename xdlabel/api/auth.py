@@ -1,0 +1,56 @@
+"""API keys: random tokens shown once, stored as sha256, checked on every /v1 request."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import APIKeyHeader
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from index.models import ApiKey
+from xdlabel.services import Services
+
+SCOPES = ("read", "write")
+header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_api_key(session: Session, name: str, scopes: Sequence[str] = SCOPES) -> str:
+    unknown = set(scopes) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; known: {SCOPES}")
+    key = "xdl_" + secrets.token_urlsafe(32)
+    session.add(ApiKey(name=name, key_hash=hash_key(key), scopes=list(scopes)))
+    session.commit()
+    return key
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+ServicesDep = Annotated[Services, Depends(services_of)]
+
+
+def require(scope: str):  # type: ignore[no-untyped-def]
+    def check(services: ServicesDep, key: Annotated[str | None, Depends(header)]) -> None:
+        if not services.settings.require_api_key:
+            return
+        if not key:
+            raise HTTPException(401, "missing API key: send it in the X-API-Key header")
+        with services.sessions() as session:
+            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+        if row is None:
+            raise HTTPException(401, "invalid or revoked API key")
+        if scope not in row.scopes:
+            raise HTTPException(403, f"this API key lacks the {scope!r} scope")
+
+    return Depends(check)

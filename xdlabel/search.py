@@ -1,0 +1,83 @@
+"""Text, image and region search: queries become vectors with the model, then the store searches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from index.models import Embedding, Image
+from index.store import Filters, Hit, from_bytes
+from xdlabel.services import Services
+
+NEGATIVE_WEIGHT = 0.5  # score = sim(query) - 0.5 * sim(negative): linear, so exact in the index
+
+
+class NotFound(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[dict[str, Any]]
+    next_offset: int | None
+
+
+def _image_rows(services: Services, hits: list[Hit]) -> dict[int, Image]:
+    with services.sessions() as session:
+        return {im.id: im for im in session.scalars(select(Image).where(Image.id.in_({h.image_id for h in hits})))}
+
+
+def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: bool) -> SearchResult:
+    images = _image_rows(services, hits)
+    out = []
+    for h in hits:
+        im = images.get(h.image_id)
+        if im is None:
+            continue
+        item: dict[str, Any] = {"image_id": h.image_id, "score": round(h.score, 6), "dataset_id": im.dataset_id,
+                                "uri": im.uri, "caption": im.caption, "width": im.width, "height": im.height,
+                                "tags": sorted(t.tag for t in im.tags), "meta": im.meta}
+        if regions:
+            item.update(region_id=h.embedding_id, box=h.box, mask_rle=h.mask_rle)
+        out.append(item)
+    return SearchResult(out, offset + k if len(hits) == k else None)
+
+
+def _text_vector(services: Services, text: str, negative: str | None, kind: str) -> np.ndarray:
+    predictor = services.predictor
+    embed = predictor.text_query_embeddings if kind == "image" else predictor.text_embeddings
+    vectors = embed([text] + ([negative] if negative else []))
+    return vectors[0] - NEGATIVE_WEIGHT * vectors[1] if negative else vectors[0]
+
+
+def search_text(services: Services, text: str, *, k: int = 20, offset: int = 0, min_score: float | None = None,
+                negative: str | None = None, filters: Filters | None = None, regions: bool = False) -> SearchResult:
+    kind = "region" if regions else "image"
+    query = _text_vector(services, text, negative, kind)
+    hits = services.store.search(services.model.version_id, kind, query[None], k, filters=filters,
+                                 offset=offset, min_score=min_score)[0]
+    return _present(services, hits, k, offset, regions)
+
+
+def search_image(services: Services, *, image: PILImage.Image | None = None, image_id: int | None = None,
+                 k: int = 20, offset: int = 0, min_score: float | None = None,
+                 filters: Filters | None = None) -> SearchResult:
+    model = services.model
+    if image is not None:
+        predictor = services.predictor
+        query = predictor.image_embeddings(predictor.encode(image))[0]
+    else:
+        with services.sessions() as session:
+            data = session.scalar(select(Embedding.vector).where(
+                Embedding.image_id == image_id, Embedding.kind == "image",
+                Embedding.model_version_id == model.version_id))
+        if data is None:
+            raise NotFound(f"image {image_id} has no embedding for model {model.name}")
+        query = from_bytes(data)
+    hits = services.store.search(model.version_id, "image", query[None], k, filters=filters, offset=offset,
+                                 min_score=min_score)[0]
+    return _present(services, hits, k, offset, regions=False)

@@ -1,0 +1,60 @@
+"""What one process holds once: database sessions, the retrieval store and the model."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from functools import cached_property
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from index.db import make_engine, make_session_factory
+from index.repository import get_or_create_model_version
+from index.store import RetrievalStore
+from index.vectors import IndexParams
+from xdlabel.settings import Settings
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    version_id: int
+    name: str
+    image_dim: int  # image vectors: decoder and backbone embeddings, concatenated
+    region_dim: int
+
+
+class Services:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.sqlalchemy_url)
+        self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
+        self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(use_gpu=settings.use_gpu_index))
+        self._lock = threading.Lock()
+
+    @cached_property
+    def predictor(self):  # type: ignore[no-untyped-def]
+        """The X-Decoder predictor, loaded on first use (once per process)."""
+        from xdecoder import Predictor, build_model, load_checkpoint
+        from xdecoder.predictor import PredictorSettings
+
+        with self._lock:
+            model = build_model(self.settings.model)
+            self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
+            return Predictor(model, device=self.settings.device,
+                             settings=PredictorSettings(short_side=self.settings.short_side))
+
+    @cached_property
+    def model(self) -> ModelInfo:
+        """The model version row of the loaded checkpoint (registered on first use)."""
+        predictor = self.predictor
+        dim = predictor.model.config.dim_proj
+        name = f"{self.settings.model}-{self.checkpoint.sha256[:12]}"
+        with self.sessions() as session:
+            version = get_or_create_model_version(session, name=name, checkpoint_sha256=self.checkpoint.sha256,
+                                                  embedding_dim=dim)
+            session.commit()
+            return ModelInfo(version.id, name, 2 * dim, dim)
+
+    def close(self) -> None:
+        self.store.save()
+        self.engine.dispose()
