@@ -33,6 +33,79 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from xdlabel.settings import load_settings
+
+    return load_settings(args.config_file)
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    from index.db import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url, args.revision)
+    print(f"database at revision {args.revision}: {settings.sqlalchemy_url}")
+    return 0
+
+
+def _index_rebuild(args: argparse.Namespace) -> int:
+    from xdlabel.services import Services
+
+    services = Services(_settings(args))
+    model = services.model
+    reports = {kind: services.store.rebuild(model.version_id, kind, dim)
+               for kind, dim in (("image", model.image_dim), ("region", model.region_dim))}
+    services.close()
+    if args.json:
+        print(json.dumps({k: {"action": r.action, "count": r.count} for k, r in reports.items()}))
+    else:
+        for kind, report in reports.items():
+            print(f"{kind} index of {model.name}: {report.action} from SQL, {report.count} vectors")
+    return 0
+
+
+def _apikey_create(args: argparse.Namespace) -> int:
+    from index.db import make_engine, make_session_factory
+    from xdlabel.api.auth import create_api_key
+
+    engine = make_engine(_settings(args).sqlalchemy_url)
+    with make_session_factory(engine)() as session:
+        key = create_api_key(session, args.name, args.scopes.split(","))
+    engine.dispose()
+    print(key)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from index.db import upgrade
+    from xdlabel.api import create_app
+
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from index.store import Filters
+    from xdlabel.search import search_text
+    from xdlabel.services import Services
+
+    services = Services(_settings(args))
+    filters = Filters(tags=tuple(args.tag))
+    result = search_text(services, args.query, k=args.k, negative=args.negative, filters=filters,
+                         regions=args.regions)
+    services.close()
+    if args.json:
+        print(json.dumps(result.hits, indent=2, default=str))
+    else:
+        for hit in result.hits:
+            print(f"{hit['score']:.4f}  image {hit['image_id']}  {hit['uri']}  {hit['caption'] or ''}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from xdlabel.demo import run_demo
 
@@ -41,7 +114,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdlabel", description=__doc__)
+    parser.add_argument("--config-file", help="settings file of XDLABEL_* lines (environment variables win)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
+    up = db.add_parser("upgrade", help="apply Alembic migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=_db_upgrade)
+
+    index = sub.add_parser("index", help="vector index maintenance").add_subparsers(dest="index_command",
+                                                                                    required=True)
+    rebuild = index.add_parser("rebuild", help="rebuild the FAISS indexes of the current model from SQL")
+    rebuild.add_argument("--json", action="store_true")
+    rebuild.set_defaults(func=_index_rebuild)
+
+    apikey = sub.add_parser("apikey", help="API keys").add_subparsers(dest="apikey_command", required=True)
+    create = apikey.add_parser("create", help="create a key and print it (shown once)")
+    create.add_argument("name")
+    create.add_argument("--scopes", default="read,write", help="comma-separated: read, write")
+    create.set_defaults(func=_apikey_create)
+
+    serve = sub.add_parser("serve", help="run the HTTP API and search page")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
+
+    search = sub.add_parser("search", help="text search from the command line")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--negative", help="what the hits should not show")
+    search.add_argument("--tag", action="append", default=[], help="only images with this tag (repeatable)")
+    search.add_argument("--regions", action="store_true", help="search regions instead of whole images")
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=_search)
 
     model = sub.add_parser("model", help="inspect X-Decoder configs and checkpoints")
     model_sub = model.add_subparsers(dest="model_command", required=True)

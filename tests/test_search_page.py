@@ -1,0 +1,68 @@
+"""The search page in a real headless Chromium (Debian's package, driven by Playwright) against a
+real running server: type a query, see thumbnails with scores, open one with its masks."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_api import Server, make_images
+from xdlabel.api.auth import create_api_key
+from xdlabel.ingest import ingest_files
+from xdlabel.services import Services
+from xdlabel.settings import Settings
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def page_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    from index.db import upgrade
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    services = Services(Settings(data_dir=tmp_path / "data", database_url=url, short_side=128))
+    ingest_files(services, "photos", make_images(tmp_path / "photos", 5))
+    with services.sessions() as session:
+        key = create_api_key(session, "browser")
+    with Server(services) as base:
+        yield base, key
+    services.engine.dispose()
+
+
+def test_search_page_shows_hits_and_masks(page_server: tuple[str, str], tmp_path: Path) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    base, key = page_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base + "/")
+        page.fill("#key", "wrong-key")
+        page.fill("#query", "a red circle")
+        page.click("button[type=submit]")
+        page.wait_for_function("document.getElementById('status').textContent.includes('invalid')")
+        page.fill("#key", key)
+        page.click("button[type=submit]")
+        page.wait_for_selector(".hit img[src^='blob:']", timeout=30_000)
+        cards = page.locator(".hit")
+        assert cards.count() == 5
+        scores = [float(s) for s in page.locator(".hit .score").all_inner_texts()]
+        assert scores == sorted(scores, reverse=True)
+        cards.first.click()
+        page.wait_for_function("document.getElementById('canvas').dataset.regions !== undefined", timeout=30_000)
+        width = page.evaluate("document.getElementById('canvas').width")
+        assert width == 160  # the original image, drawn at full size
+        assert page.locator("#detail-title").inner_text().startswith("image ")
+        page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
