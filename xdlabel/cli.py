@@ -106,6 +106,41 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from index.db import upgrade
+    from xdlabel.ingest import ingest_files
+    from xdlabel.services import Services
+
+    paths: list[Path] = []
+    for given in map(Path, args.paths):
+        if given.is_dir():
+            paths += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif given.exists():
+            paths.append(given)
+        else:
+            print(f"error: {given} does not exist", file=sys.stderr)
+            return 2
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    report = ingest_files(services, args.dataset, paths, batch_size=args.batch_size, tags=args.tag)
+    services.close()
+    summary = {"added": len(report.added), "duplicates": len(report.duplicates), "failed": report.failed}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{len(report.added)} images added, {len(report.duplicates)} duplicates skipped, "
+              f"{len(report.failed)} failed")
+        for path, reason in report.failed.items():
+            print(f"  failed: {path}: {reason}")
+    return 1 if report.failed and not report.added else 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from xdlabel.demo import run_demo
 
@@ -133,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--scopes", default="read,write", help="comma-separated: read, write")
     create.set_defaults(func=_apikey_create)
+
+    ingest = sub.add_parser("ingest", help="add image files or folders to a dataset (one model pass each)")
+    ingest.add_argument("paths", nargs="+")
+    ingest.add_argument("--dataset", required=True)
+    ingest.add_argument("--tag", action="append", default=[], help="tag every image (repeatable)")
+    ingest.add_argument("--batch-size", type=int, default=4)
+    ingest.add_argument("--json", action="store_true")
+    ingest.set_defaults(func=_ingest)
 
     serve = sub.add_parser("serve", help="run the HTTP API and search page")
     serve.add_argument("--host", default="127.0.0.1")
@@ -164,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, OSError) as err:  # bad input: say what, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
