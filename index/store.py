@@ -76,6 +76,30 @@ class NewEmbedding:
     label: str | None = None
 
 
+class Owners:
+    """Embedding id -> image id of one index, in memory: image hits need no SQL round trip."""
+
+    def __init__(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids = np.asarray(ids, np.int64)[order]
+        self.image_ids = np.asarray(image_ids, np.int64)[order]
+
+    def add(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
+        merged = Owners(np.concatenate([self.ids, ids]), np.concatenate([self.image_ids, image_ids]))
+        self.ids, self.image_ids = merged.ids, merged.image_ids
+
+    def remove(self, ids: np.ndarray) -> None:
+        keep = ~np.isin(self.ids, ids)
+        self.ids, self.image_ids = self.ids[keep], self.image_ids[keep]
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """Image id of each embedding id; -1 where unknown."""
+        padded_ids = np.append(self.ids, -1)  # a sentinel keeps searchsorted's positions in range
+        padded_images = np.append(self.image_ids, -1)
+        pos = np.searchsorted(self.ids, ids)
+        return np.where(padded_ids[pos] == ids, padded_images[pos], -1)
+
+
 def filtered_ids(model_version_id: int, kind: str, filters: Filters) -> Select[Any]:
     """SQL for the embedding ids that pass ``filters``."""
     query = select(Embedding.id).where(Embedding.model_version_id == model_version_id, Embedding.kind == kind)
@@ -109,6 +133,7 @@ class RetrievalStore:
         self.index_dir = Path(index_dir)
         self.params = params or IndexParams()
         self._indexes: dict[tuple[int, str], VectorIndex] = {}
+        self._owners: dict[tuple[int, str], Owners] = {}
         self._lock = threading.Lock()
 
     # -- indexes ------------------------------------------------------------------------------
@@ -141,6 +166,7 @@ class RetrievalStore:
         with self._lock:
             if key not in self._indexes:
                 self._indexes[key], report = self._open(model_version_id, kind, dim)
+                self._owners[key] = self._load_owners(model_version_id, kind)
                 log.info("index mv%s-%s %s (%d vectors)", model_version_id, kind, report.action, report.count)
             return self._indexes[key]
 
@@ -149,7 +175,15 @@ class RetrievalStore:
             self._indexes.pop((model_version_id, kind), None)
             index, report = self._open(model_version_id, kind, dim)
             self._indexes[(model_version_id, kind)] = index
+            self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
             return report
+
+    def _load_owners(self, model_version_id: int, kind: str) -> Owners:
+        with self.sessions() as session:
+            rows = session.execute(select(Embedding.id, Embedding.image_id).where(
+                Embedding.model_version_id == model_version_id, Embedding.kind == kind)).all()
+        array = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return Owners(array[:, 0], array[:, 1])
 
     def _open(self, model_version_id: int, kind: str, dim: int) -> tuple[VectorIndex, SyncReport]:
         path = self._path(model_version_id, kind)
@@ -189,7 +223,8 @@ class RetrievalStore:
         with self._lock, self.sessions() as session:
             index, report = self._rebuild(session, model_version_id, kind, dim)
             self._indexes[(model_version_id, kind)] = index
-            return report
+        self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
+        return report
 
     def save(self) -> dict[tuple[int, str], Manifest]:
         with self._lock:
@@ -220,9 +255,12 @@ class RetrievalStore:
         session.add_all(rows)
         session.commit()
         for kind in KINDS:
-            chosen = [(row.id, item.vector) for row, item in zip(rows, items, strict=True) if item.kind == kind]
+            chosen = [(row, item.vector) for row, item in zip(rows, items, strict=True) if item.kind == kind]
             if chosen:
-                indexes[kind].add(np.array([c[0] for c in chosen]), np.stack([c[1] for c in chosen]))
+                ids = np.array([row.id for row, _ in chosen], dtype=np.int64)
+                indexes[kind].add(ids, np.stack([vector for _, vector in chosen]))
+                self._owners[(model_version_id, kind)].add(
+                    ids, np.array([row.image_id for row, _ in chosen], dtype=np.int64))
         return [row.id for row in rows]
 
     def remove_images(self, session: Session, image_ids: Sequence[int]) -> int:
@@ -234,7 +272,9 @@ class RetrievalStore:
         session.commit()
         with self._lock:
             for (mv, kind), index in self._indexes.items():
-                index.remove(np.array([d[0] for d in doomed if d[1] == mv and d[2] == kind], dtype=np.int64))
+                ids = np.array([d[0] for d in doomed if d[1] == mv and d[2] == kind], dtype=np.int64)
+                index.remove(ids)
+                self._owners[(mv, kind)].remove(ids)
         return len(doomed)
 
     # -- search -------------------------------------------------------------------------------
@@ -246,16 +286,23 @@ class RetrievalStore:
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         index = self.index(model_version_id, kind, queries.shape[1])
         filters = filters or Filters()
-        with self.sessions() as session:
-            allowed = None
-            if not filters.empty:
+        allowed = None
+        if not filters.empty:
+            with self.sessions() as session:
                 allowed = np.array(session.scalars(filtered_ids(model_version_id, kind, filters)).all(),
                                    dtype=np.int64)
-            scores, ids = index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
-            wanted = {int(i) for i in ids[:, offset:].ravel() if i >= 0}
+        scores, ids = index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
+        scores, ids = scores[:, offset:], ids[:, offset:]
+        if kind == "image":  # image hits carry no geometry: no SQL needed
+            owners = self._owners[(model_version_id, kind)].lookup(ids)
+            return [[Hit(int(i), int(o), float(s)) for s, i, o in zip(srow, irow, orow, strict=True)
+                     if i >= 0 and o >= 0 and (min_score is None or s >= min_score)]
+                    for srow, irow, orow in zip(scores, ids, owners, strict=True)]
+        with self.sessions() as session:
+            wanted = {int(i) for i in ids.ravel() if i >= 0}
             rows = {e.id: e for e in session.scalars(select(Embedding).where(Embedding.id.in_(wanted)))}
         results = []
-        for row_scores, row_ids in zip(scores[:, offset:], ids[:, offset:], strict=True):
+        for row_scores, row_ids in zip(scores, ids, strict=True):
             hits = []
             for score, i in zip(row_scores, row_ids, strict=True):
                 if i < 0 or int(i) not in rows or (min_score is not None and score < min_score):

@@ -23,7 +23,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class IndexParams:
-    exact_max: int = 100_000  # flat up to here: measured in bench/search.py
+    exact_max: int = 20_000  # flat up to here: one exact query costs ~2 ms at 20k (bench/search.py)
     nlist: int | None = None  # IVF lists; None: 4*sqrt(n), at least 16
     nprobe: int = 32  # default IVF lists searched, overridable per call
     exact_filter_max: int = 20_000  # allowed sets up to this size are scored exactly

@@ -88,3 +88,13 @@ def test_wrong_dimension_is_a_clear_error(data) -> None:  # type: ignore[no-unty
     index = VectorIndex.build(DIM, ids[:10], x[:10])
     with pytest.raises(ValueError, match="dimension 32"):
         index.search(np.zeros((1, 5), np.float32), 3)
+
+
+def test_owner_lookup() -> None:
+    from index.store import Owners
+
+    owners = Owners(np.array([30, 10, 20]), np.array([3, 1, 2]))
+    owners.add(np.array([40]), np.array([4]))
+    owners.remove(np.array([20]))
+    assert owners.lookup(np.array([10, 20, 30, 40, 50, -1])).tolist() == [1, -1, 3, 4, -1, -1]
+    assert Owners(np.zeros(0), np.zeros(0)).lookup(np.array([1])).tolist() == [-1]
