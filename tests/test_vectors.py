@@ -35,7 +35,8 @@ def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, ids, clustered(50, seed=1)
 
 
-@pytest.mark.parametrize("params", [IndexParams(), IndexParams(exact_max=1000, nprobe=16)], ids=["flat", "ivf"])
+@pytest.mark.parametrize("params", [IndexParams(exact_max=50_000), IndexParams(exact_max=1000, nprobe=16)],
+                         ids=["flat", "ivf"])
 def test_search_agrees_with_brute_force(data, params: IndexParams) -> None:  # type: ignore[no-untyped-def]
     x, ids, q = data
     index = VectorIndex.build(DIM, ids, x, params)
@@ -46,8 +47,8 @@ def test_search_agrees_with_brute_force(data, params: IndexParams) -> None:  # t
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
 
 
-@pytest.mark.parametrize("params", [IndexParams(), IndexParams(exact_max=1000, nprobe=4, exact_filter_max=50)],
-                         ids=["flat", "ivf"])
+@pytest.mark.parametrize("params", [IndexParams(exact_max=50_000),
+                                    IndexParams(exact_max=1000, nprobe=4, exact_filter_max=50)], ids=["flat", "ivf"])
 def test_selective_filter_still_returns_k(data, params: IndexParams) -> None:  # type: ignore[no-untyped-def]
     """1% of the ids allowed: every hit is allowed and all k come back, with exact recall."""
     x, ids, q = data
