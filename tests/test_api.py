@@ -206,3 +206,17 @@ def test_openapi_documents_the_api(api) -> None:  # type: ignore[no-untyped-def]
     spec = api["client"].get("/openapi.json").json()
     assert {"/v1/search/text", "/v1/search/image", "/v1/search/regions", "/v1/datasets",
             "/v1/images/{image_id}/thumbnail", "/v1/models", "/health"} <= set(spec["paths"])
+
+
+def test_dead_database_gives_503(tmp_path: Path) -> None:
+    """Nothing listens on port 1: the API answers 503 with a message, /health still 200."""
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
+                        require_api_key=False)
+    services = Services(settings)
+    with Server(services) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").status_code == 200
+        r = client.get("/v1/datasets")
+        assert r.status_code == 503 and "database" in r.json()["error"]["message"]
+        r = client.get("/ready")
+        assert r.status_code == 503
+    services.engine.dispose()
