@@ -239,8 +239,10 @@ def http_row(n: int, url: str, tmp: str, nprobe: int, params: object, queries: n
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key})
-    client.post("/v1/search/text", json={"query": "warm up", "k": 10})
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=600)
+    start = time.perf_counter()
+    client.post("/v1/search/text", json={"query": "warm up", "k": 10})  # loads the index
+    print(f"HTTP first request (index load) {time.perf_counter() - start:.1f}s", flush=True)
     times = []
     for i in range(len(queries)):
         start = time.perf_counter()
