@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,10 +94,10 @@ class Owners:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Image id of each embedding id; -1 where unknown."""
-        padded_ids = np.append(self.ids, -1)  # a sentinel keeps searchsorted's positions in range
-        padded_images = np.append(self.image_ids, -1)
-        pos = np.searchsorted(self.ids, ids)
-        return np.where(padded_ids[pos] == ids, padded_images[pos], -1)
+        if not len(self.ids):
+            return np.full(np.shape(ids), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # no copies: O(k log n)
+        return np.where(self.ids[pos] == ids, self.image_ids[pos], -1)
 
 
 def filtered_ids(model_version_id: int, kind: str, filters: Filters) -> Select[Any]:
@@ -232,20 +232,22 @@ class RetrievalStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def add_embeddings(self, session: Session, model_version_id: int, dim: int,
+    def add_embeddings(self, session: Session, model_version_id: int, dims: Mapping[str, int],
                        items: Sequence[NewEmbedding]) -> list[int]:
-        """Insert rows in ``session``'s transaction and commit, then add them to the indexes.
+        """Insert rows in ``session``'s transaction (with whatever else it holds) and commit, then
+        add them to the indexes. ``dims`` gives the vector dimension of each kind.
 
         A crash between the commit and the index update leaves the index stale, which the next
         ``index()`` in any process repairs from SQL.
         """
+        unknown = {item.kind for item in items} - set(KINDS)
+        if unknown:
+            raise ValueError(f"kind must be one of {KINDS}, got {sorted(unknown)}")
         # Open (or rebuild) the indexes before the commit, so the new rows are added exactly once.
-        indexes = {kind: self.index(model_version_id, kind, dim) for kind in {item.kind for item in items}
-                   if kind in KINDS}
+        indexes = {kind: self.index(model_version_id, kind, dims[kind]) for kind in {item.kind for item in items}}
         rows = []
         for item in items:
-            if item.kind not in KINDS:
-                raise ValueError(f"kind must be one of {KINDS}, got {item.kind!r}")
+            dim = dims[item.kind]
             vector = np.asarray(item.vector, dtype=np.float32)
             if vector.shape != (dim,):
                 raise ValueError(f"expected a vector of dimension {dim}, got shape {vector.shape}")

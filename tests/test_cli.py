@@ -23,7 +23,7 @@ def test_ingest_search_rebuild_and_keys(tmp_path: Path) -> None:
     r = run(["ingest", str(tmp_path / "photos"), "--dataset", "cli", "--tag", "demo", "--json"], env)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["added"] == 3 and list(summary["failed"]) == [str(tmp_path / "photos" / "broken.png")]
+    assert summary["added"] == 3 and list(summary["failed"]) == [(tmp_path / "photos" / "broken.png").as_uri()]
     r = run(["ingest", str(photos[0]), "--dataset", "cli"], env)  # same bytes again: stored once
     assert "0 images added, 1 duplicates skipped" in r.stdout
     r = run(["search", "a circle", "-k", "2", "--json", "--tag", "demo"], env)

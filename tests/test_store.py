@@ -39,7 +39,7 @@ def populated(migrated_url: str, tmp_path: Path):  # type: ignore[no-untyped-def
         items = [NewEmbedding(image_ids[i], "image", x[i]) for i in range(N)]
         items += [NewEmbedding(image_ids[i], "region", regions[i], box=[0, 0, 5, 5], label="thing")
                   for i in range(N)]
-        ids = store.add_embeddings(session, mv.id, DIM, items)
+        ids = store.add_embeddings(session, mv.id, {"image": DIM, "region": DIM}, items)
         mv_id, a_id = mv.id, a.id
     yield {"store": store, "sessions": sessions, "x": x, "image_ids": np.array(image_ids),
            "emb_ids": np.array(ids[:N]), "mv": mv_id, "a": a_id, "engine": engine, "path": tmp_path / "index"}
@@ -133,6 +133,7 @@ def test_bad_vectors_are_rejected_and_nothing_is_written(populated) -> None:  # 
     with sessions() as s:
         before = s.query(Embedding).count()
         with pytest.raises(ValueError, match="dimension"):
-            store.add_embeddings(s, mv, DIM, [NewEmbedding(int(populated["image_ids"][0]), "image", np.zeros(3))])
+            store.add_embeddings(s, mv, {"image": DIM}, [NewEmbedding(int(populated["image_ids"][0]), "image",
+                                                                      np.zeros(3))])
         s.rollback()
         assert s.query(Embedding).count() == before

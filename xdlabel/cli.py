@@ -106,29 +106,50 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+def _sources(args: argparse.Namespace) -> list:  # type: ignore[type-arg]
+    from pathlib import Path
+
+    from xdlabel.sources import Item, coco_items, folder_items, list_items
+
+    items = []
+    for given in args.paths:
+        path = Path(given)
+        if given.startswith(("http://", "https://")):
+            items.append(Item(given))
+        elif path.is_dir():
+            items += folder_items(path, args.glob)
+        elif path.suffix.lower() in (".txt", ".csv") and path.is_file():
+            items += list_items(path)
+        elif path.suffix.lower() == ".json" and path.is_file():
+            items += coco_items(path, Path(args.image_root) if args.image_root else None)
+        elif path.is_file():
+            items.append(Item(path.resolve().as_uri()))
+        else:
+            raise FileNotFoundError(f"{given} does not exist")
+    return items
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from tqdm import tqdm
 
     from index.db import upgrade
-    from xdlabel.ingest import ingest_files
+    from xdlabel.ingest import IngestPipeline, IngestReport
     from xdlabel.services import Services
 
-    paths: list[Path] = []
-    for given in map(Path, args.paths):
-        if given.is_dir():
-            paths += sorted(p for p in given.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif given.exists():
-            paths.append(given)
-        else:
-            print(f"error: {given} does not exist", file=sys.stderr)
-            return 2
+    items = _sources(args)
     settings = _settings(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
-    report = ingest_files(services, args.dataset, paths, batch_size=args.batch_size, tags=args.tag)
+    bar = tqdm(total=len(items), unit="img", disable=args.json or not sys.stderr.isatty() and not args.progress)
+
+    def progress(report: IngestReport) -> None:
+        bar.n = len(report.added) + len(report.failed) + len(report.duplicates)
+        bar.set_postfix(added=len(report.added), failed=len(report.failed), refresh=False)
+        bar.refresh()
+
+    report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
+                            progress=progress).run(items)
+    bar.close()
     services.close()
     summary = {"added": len(report.added), "duplicates": len(report.duplicates), "failed": report.failed}
     if args.json:
@@ -136,8 +157,8 @@ def _ingest(args: argparse.Namespace) -> int:
     else:
         print(f"{len(report.added)} images added, {len(report.duplicates)} duplicates skipped, "
               f"{len(report.failed)} failed")
-        for path, reason in report.failed.items():
-            print(f"  failed: {path}: {reason}")
+        for uri, reason in report.failed.items():
+            print(f"  failed: {uri}: {reason}")
     return 1 if report.failed and not report.added else 0
 
 
@@ -169,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--scopes", default="read,write", help="comma-separated: read, write")
     create.set_defaults(func=_apikey_create)
 
-    ingest = sub.add_parser("ingest", help="add image files or folders to a dataset (one model pass each)")
-    ingest.add_argument("paths", nargs="+")
+    ingest = sub.add_parser("ingest", help="add images to a dataset (one model pass each); resumable")
+    ingest.add_argument("paths", nargs="+", help="folders, image files, .txt/.csv lists, COCO .json, http(s) URLs")
+    ingest.add_argument("--glob", default="**/*", help="pattern inside folders (default: recursive)")
+    ingest.add_argument("--image-root", help="folder of a COCO file's images (default: beside it)")
+    ingest.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
     ingest.add_argument("--dataset", required=True)
     ingest.add_argument("--tag", action="append", default=[], help="tag every image (repeatable)")
     ingest.add_argument("--batch-size", type=int, default=4)

@@ -1,27 +1,38 @@
-"""Turning image files into SQL rows, vectors and predictions, one model pass per image.
+"""The ingestion pipeline: read -> fetch/decode/validate -> batch -> one model pass -> write.
 
-This is the synchronous core; batched, resumable jobs on workers and Ray build on it (issue 6).
+Fetching and decoding run in a thread pool ahead of the model, and writing runs in its own
+thread behind it, so the model never waits on I/O (PyTorch, PIL and the database drivers release
+the GIL). Each batch is written in one transaction (images, caption predictions, image and region
+vectors), so a killed job leaves whole batches; rerunning it skips what is stored (content
+sha256 per dataset) and the index is repaired from SQL at the next start. Bad inputs are stored
+as failed images with the reason, and the job carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Sequence
+import queue
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image as PILImage
+from PIL import ImageOps
 from pycocotools import mask as mask_utils
 from sqlalchemy import select
 
 from index.models import Image, Prediction
 from index.repository import add_image, create_dataset, dataset_by_name
 from index.store import NewEmbedding
+from xdecoder.predictor import Predictor, Region
+from xdecoder.transforms import to_rgb
 from xdlabel.services import Services
-
-PILImage.MAX_IMAGE_PIXELS = 100_000_000  # decompression-bomb guard: larger images are refused
+from xdlabel.sources import FetchError, Item, fetch
 
 
 def encode_rle(mask: np.ndarray) -> dict[str, object]:
@@ -37,64 +48,163 @@ def decode_rle(rle: dict[str, object]) -> np.ndarray:
 class IngestReport:
     added: list[int] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # path -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # uri -> reason
+    cancelled: bool = False
 
 
-def _load(path: Path) -> tuple[PILImage.Image, str]:
-    data = path.read_bytes()
+@dataclass
+class Decoded:
+    item: Item
+    digest: str
+    rgb: np.ndarray | None = None
+    mode: str | None = None
+    error: str | None = None
+
+
+def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool) -> Decoded:
+    """Fetch and decode one item; never raises: a bad input comes back with ``error`` set."""
+    try:
+        data = fetch(item.uri, max_bytes=max_bytes, allow_private=allow_private)
+    except (FetchError, OSError) as err:
+        return Decoded(item, hashlib.sha256(item.uri.encode()).hexdigest(), error=str(err))
+    digest = hashlib.sha256(data).hexdigest()
     if not data:
-        raise ValueError("empty file")
-    image = PILImage.open(io.BytesIO(data))
-    image.load()
-    return image, hashlib.sha256(data).hexdigest()
+        return Decoded(item, digest, error="empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:
+                    raise ValueError(f"{image.width}x{image.height} is over the {max_pixels}-pixel limit")
+                image.load()
+                mode = image.mode
+                rgb = to_rgb(ImageOps.exif_transpose(image))
+    except Exception as err:  # noqa: BLE001 - every decoder failure is a bad input, not a crash
+        return Decoded(item, digest, error=f"not a readable image: {type(err).__name__}: {err}")
+    return Decoded(item, digest, rgb, mode)
+
+
+@dataclass
+class _Batch:
+    decoded: list[Decoded]
+    failures: list[Decoded]
+    vectors: np.ndarray | None = None
+    regions: list[list[Region]] | None = None
+    captions: list[str] | None = None
+
+
+class IngestPipeline:
+    def __init__(self, services: Services, dataset: str, *, batch_size: int = 4, tags: Sequence[str] = (),
+                 decode_workers: int = 2, progress: Callable[[IngestReport], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
+        self.services, self.dataset, self.batch_size, self.tags = services, dataset, batch_size, tuple(tags)
+        self.decode_workers, self.progress, self.should_stop = decode_workers, progress, should_stop
+        self.report = IngestReport()
+
+    def run(self, items: Iterable[Item]) -> IngestReport:
+        services = self.services
+        with services.sessions() as session:
+            ds = dataset_by_name(session, self.dataset) or create_dataset(session, name=self.dataset)
+            session.commit()
+            self.dataset_id = ds.id
+            known = set(session.scalars(select(Image.sha256).where(Image.dataset_id == ds.id)))
+        settings = services.settings
+        predictor = services.predictor  # load the model before the threads start
+        services.model  # noqa: B018 - registers the model version
+        writes: queue.Queue[_Batch | None] = queue.Queue(maxsize=2)
+        writer_error: list[BaseException] = []
+        writer = threading.Thread(target=self._write_loop, args=(writes, writer_error), daemon=True)
+        writer.start()
+        pending: list[Future[Decoded]] = []
+        batch: list[Decoded] = []
+        failures: list[Decoded] = []
+        seen: set[str] = set()
+        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+            source = iter(items)
+
+            def refill() -> None:
+                while len(pending) < 4 * self.batch_size:
+                    item = next(source, None)
+                    if item is None:
+                        return
+                    pending.append(pool.submit(decode, item, max_bytes=settings.max_image_bytes,
+                                               max_pixels=settings.max_image_pixels,
+                                               allow_private=settings.allow_private_urls))
+
+            refill()
+            while pending and not writer_error:
+                decoded = pending.pop(0).result()
+                refill()
+                if decoded.digest in known or decoded.digest in seen:
+                    self.report.duplicates.append(decoded.item.uri)
+                    continue
+                seen.add(decoded.digest)
+                (failures if decoded.error else batch).append(decoded)
+                if len(batch) == self.batch_size or len(failures) >= self.batch_size:
+                    writes.put(self._infer(predictor, batch, failures))
+                    batch, failures = [], []
+                    if self.should_stop and self.should_stop():
+                        self.report.cancelled = True
+                        for future in pending:
+                            future.cancel()
+                        break
+            if (batch or failures) and not writer_error and not self.report.cancelled:
+                writes.put(self._infer(predictor, batch, failures))
+        writes.put(None)
+        writer.join()
+        if writer_error:
+            raise writer_error[0]
+        return self.report
+
+    def _infer(self, predictor: Predictor, batch: list[Decoded], failures: list[Decoded]) -> _Batch:
+        out = _Batch(batch, failures)
+        if batch:
+            features = predictor.encode([d.rgb for d in batch if d.rgb is not None])
+            out.vectors = predictor.image_embeddings(features)
+            out.regions = predictor.region_embeddings(features)
+            out.captions = predictor.caption(features)
+        return out
+
+    def _write_loop(self, writes: queue.Queue[_Batch | None], errors: list[BaseException]) -> None:
+        while (batch := writes.get()) is not None:
+            if errors:
+                continue  # drain after a failure
+            try:
+                self._write(batch)
+            except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                errors.append(err)
+
+    def _write(self, batch: _Batch) -> None:
+        model = self.services.model
+        with self.services.sessions() as session:
+            for d in batch.failures:
+                session.add(Image(dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest, meta=d.item.meta,
+                                  status="failed", error=d.error))
+            items: list[NewEmbedding] = []
+            added = []
+            for k, d in enumerate(batch.decoded):
+                assert d.rgb is not None and batch.vectors is not None and batch.regions is not None
+                assert batch.captions is not None
+                row = add_image(session, dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest,
+                                width=d.rgb.shape[1], height=d.rgb.shape[0], mode=d.mode, meta=d.item.meta,
+                                tags=self.tags, caption=batch.captions[k])
+                session.add(Prediction(image_id=row.id, model_version_id=model.version_id, task="caption",
+                                       payload={"text": batch.captions[k]}))
+                items.append(NewEmbedding(row.id, "image", batch.vectors[k]))
+                items += [NewEmbedding(row.id, "region", r.embedding, box=list(r.box), mask_rle=encode_rle(r.mask),
+                                       score=r.score) for r in batch.regions[k]]
+                added.append(row.id)
+            # One transaction per batch: images, predictions and vectors land together or not at all.
+            self.services.store.add_embeddings(session, model.version_id,
+                                               {"image": model.image_dim, "region": model.region_dim}, items)
+        self.report.added += added
+        self.report.failed.update({d.item.uri: d.error or "" for d in batch.failures})
+        if self.progress:
+            self.progress(self.report)
 
 
 def ingest_files(services: Services, dataset: str, paths: Sequence[Path], *, batch_size: int = 4,
                  tags: Sequence[str] = ()) -> IngestReport:
-    report = IngestReport()
-    predictor, model = services.predictor, services.model
-    with services.sessions() as session:
-        ds = dataset_by_name(session, dataset) or create_dataset(session, name=dataset)
-        session.commit()
-        dataset_id = ds.id
-    for start in range(0, len(paths), batch_size):
-        batch: list[tuple[Path, PILImage.Image, str]] = []
-        with services.sessions() as session:
-            for path in paths[start:start + batch_size]:
-                try:
-                    image, digest = _load(path)
-                except Exception as err:  # noqa: BLE001 - any decoder error is a bad file
-                    report.failed[str(path)] = f"{type(err).__name__}: {err}"
-                    session.add(Image(dataset_id=dataset_id, uri=path.resolve().as_uri(), sha256="0" * 64,
-                                      status="failed", error=report.failed[str(path)], meta={}))
-                    continue
-                exists = session.scalar(select(Image.id).where(Image.dataset_id == dataset_id,
-                                                               Image.sha256 == digest))
-                if exists is not None or digest in {d for _, _, d in batch}:
-                    report.duplicates.append(str(path))
-                    continue
-                batch.append((path, image, digest))
-            session.commit()
-        if not batch:
-            continue
-        features = predictor.encode([image for _, image, _ in batch])
-        image_vectors = predictor.image_embeddings(features)
-        regions = predictor.region_embeddings(features)
-        captions = predictor.caption(features)
-        with services.sessions() as session:
-            items = []
-            for k, (path, image, digest) in enumerate(batch):
-                row = add_image(session, dataset_id=dataset_id, uri=path.resolve().as_uri(), sha256=digest,
-                                width=image.width, height=image.height, mode=image.mode, tags=tags,
-                                caption=captions[k])
-                session.add(Prediction(image_id=row.id, model_version_id=model.version_id, task="caption",
-                                       payload={"text": captions[k]}))
-                items.append(NewEmbedding(row.id, "image", image_vectors[k]))
-                items += [NewEmbedding(row.id, "region", r.embedding, box=list(r.box), mask_rle=encode_rle(r.mask),
-                                       score=r.score) for r in regions[k]]
-                report.added.append(row.id)
-            services.store.add_embeddings(session, model.version_id, model.image_dim,
-                                          [i for i in items if i.kind == "image"])
-            services.store.add_embeddings(session, model.version_id, model.region_dim,
-                                          [i for i in items if i.kind == "region"])
-    return report
+    """Ingest local files (the synchronous convenience used by the CLI, the demo and tests)."""
+    items = [Item(Path(p).resolve().as_uri()) for p in paths]
+    return IngestPipeline(services, dataset, batch_size=batch_size, tags=tags).run(items)

@@ -27,7 +27,10 @@ class Settings(BaseSettings):
     short_side: int = 512
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     require_api_key: bool = True
-    max_upload_bytes: int = 20 * 1024 * 1024
+    max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
+    max_image_bytes: int = 100 * 1024 * 1024  # ingested files and downloads
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard: larger images are refused
+    allow_private_urls: bool = False  # ingest URLs resolving to private/loopback addresses
     allowed_origins: list[str] = Field(default_factory=list)
 
     @property
