@@ -32,7 +32,7 @@ DIM = 512
 
 def clustered(n: int, seed: int, centers: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    noise = rng.standard_normal((n, DIM)).astype(np.float32) * (0.8 / np.sqrt(DIM))  # |noise| ~ 0.8
+    noise = rng.standard_normal((n, DIM)).astype(np.float32) * (1.2 / np.sqrt(DIM))  # |noise| ~ 1.2 x |center|
     x = centers[rng.integers(0, len(centers), n)] + noise
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -90,7 +90,7 @@ def run_size(n: int, num_queries: int, rows: list[dict[str, object]]) -> None:
     from index.vectors import IndexParams, VectorIndex
 
     rng = np.random.default_rng(0)
-    centers = rng.standard_normal((max(100, n // 500), DIM)).astype(np.float32)
+    centers = rng.standard_normal((max(100, n // 200), DIM)).astype(np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     x = clustered(n, 1, centers)
     queries = clustered(num_queries, 2, centers)

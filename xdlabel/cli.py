@@ -106,37 +106,17 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sources(args: argparse.Namespace) -> list:  # type: ignore[type-arg]
+def _ingest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from xdlabel.sources import Item, coco_items, folder_items, list_items
-
-    items = []
-    for given in args.paths:
-        path = Path(given)
-        if given.startswith(("http://", "https://")):
-            items.append(Item(given))
-        elif path.is_dir():
-            items += folder_items(path, args.glob)
-        elif path.suffix.lower() in (".txt", ".csv") and path.is_file():
-            items += list_items(path)
-        elif path.suffix.lower() == ".json" and path.is_file():
-            items += coco_items(path, Path(args.image_root) if args.image_root else None)
-        elif path.is_file():
-            items.append(Item(path.resolve().as_uri()))
-        else:
-            raise FileNotFoundError(f"{given} does not exist")
-    return items
-
-
-def _ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from index.db import upgrade
     from xdlabel.ingest import IngestPipeline, IngestReport
     from xdlabel.services import Services
+    from xdlabel.sources import items_from
 
-    items = _sources(args)
+    items = items_from(args.paths, glob=args.glob, image_root=Path(args.image_root) if args.image_root else None)
     settings = _settings(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
@@ -160,6 +140,23 @@ def _ingest(args: argparse.Namespace) -> int:
         for uri, reason in report.failed.items():
             print(f"  failed: {uri}: {reason}")
     return 1 if report.failed and not report.added else 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from index.db import upgrade
+    from xdlabel.jobs import work
+    from xdlabel.services import Services
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    ran = work(services, once=args.once, poll=args.poll)
+    services.close()
+    print(f"ran {ran} jobs")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -200,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch-size", type=int, default=4)
     ingest.add_argument("--json", action="store_true")
     ingest.set_defaults(func=_ingest)
+
+    worker = sub.add_parser("worker", help="run queued jobs (several workers may share a PostgreSQL database)")
+    worker.add_argument("--once", action="store_true", help="exit when no job is left")
+    worker.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new jobs")
+    worker.set_defaults(func=_worker)
 
     serve = sub.add_parser("serve", help="run the HTTP API and search page")
     serve.add_argument("--host", default="127.0.0.1")

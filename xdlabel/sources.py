@@ -120,3 +120,23 @@ def fetch(uri: str, *, max_bytes: int, timeout: float = 20.0, allow_private: boo
                 chunks.append(chunk)
             return b"".join(chunks)
     raise FetchError(f"too many redirects for {uri}")
+
+
+def items_from(specs: list[str], *, glob: str = "**/*", image_root: Path | None = None) -> list[Item]:
+    """Items from what a user names: folders, image files, .txt/.csv lists, COCO .json, http(s) URLs."""
+    items: list[Item] = []
+    for given in specs:
+        path = Path(given)
+        if given.startswith(("http://", "https://")):
+            items.append(Item(given))
+        elif path.is_dir():
+            items += folder_items(path, glob)
+        elif path.suffix.lower() in (".txt", ".csv") and path.is_file():
+            items += list_items(path)
+        elif path.suffix.lower() == ".json" and path.is_file():
+            items += coco_items(path, image_root)
+        elif path.is_file():
+            items.append(Item(path.resolve().as_uri()))
+        else:
+            raise FileNotFoundError(f"{given} does not exist")
+    return items

@@ -13,10 +13,21 @@ from PIL import Image as PILImage
 from PIL import UnidentifiedImageError
 from sqlalchemy import func, select
 
-from index.models import Dataset, Embedding, Image, ModelVersion, Prediction
+from index.models import Dataset, Embedding, Image, Job, ModelVersion, Prediction
 from index.repository import create_dataset, dataset_by_name
+from xdlabel import jobs
 from xdlabel.api.auth import ServicesDep, require
-from xdlabel.api.schemas import DatasetIn, DatasetOut, FilterIn, ImageOut, ModelVersionOut, SearchOut, TextSearchIn
+from xdlabel.api.schemas import (
+    DatasetIn,
+    DatasetOut,
+    FilterIn,
+    ImageOut,
+    JobIn,
+    JobOut,
+    ModelVersionOut,
+    SearchOut,
+    TextSearchIn,
+)
 from xdlabel.search import NotFound, search_image, search_text
 from xdlabel.services import Services
 
@@ -165,6 +176,44 @@ def delete_dataset(dataset_id: int, services: ServicesDep) -> Response:
         session.delete(session.get(Dataset, dataset_id))
         session.commit()
     return Response(status_code=204)
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+@router.post("/jobs", response_model=JobOut, status_code=201, dependencies=[WRITE], tags=["jobs"])
+def post_job(body: JobIn, services: ServicesDep) -> JobOut:
+    """Queue an ingestion job; `xdlabel worker` processes run it."""
+    with services.sessions() as session:
+        try:
+            job = jobs.submit(session, body.kind, body.model_dump(exclude={"kind"}))
+        except ValueError as err:
+            raise HTTPException(400, str(err)) from None
+        return JobOut.model_validate(jobs.describe(job))
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[READ], tags=["jobs"])
+def get_job(job_id: int, services: ServicesDep) -> JobOut:
+    with services.sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return JobOut.model_validate(jobs.describe(job))
+
+
+@router.get("/jobs", response_model=list[JobOut], dependencies=[READ], tags=["jobs"])
+def list_jobs(services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[JobOut]:
+    with services.sessions() as session:
+        return [JobOut.model_validate(jobs.describe(j))
+                for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit))]
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, dependencies=[WRITE], tags=["jobs"])
+def cancel_job(job_id: int, services: ServicesDep) -> JobOut:
+    with services.sessions() as session:
+        job = jobs.cancel(session, job_id)
+        if job is None:
+            raise HTTPException(404, f"job {job_id} not found")
+        return JobOut.model_validate(jobs.describe(job))
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -84,3 +84,29 @@ class ModelVersionOut(BaseModel):
     name: str
     checkpoint_sha256: str
     embedding_dim: int
+
+
+class JobIn(BaseModel):
+    kind: str = "ingest"
+    dataset: str = Field(min_length=1, max_length=200)
+    sources: list[str] = Field(min_length=1, description="folders, files, .txt/.csv lists, COCO .json, URLs")
+    tags: list[str] = []
+    batch_size: int = Field(default=4, ge=1, le=256)
+
+
+class JobOut(BaseModel):
+    id: int
+    kind: str
+    state: str
+    params: dict[str, Any]
+    total: int | None
+    done: int
+    failed: int
+    images_per_s: float
+    eta_s: float | None
+    errors: list[dict[str, Any]]
+    error: str | None
+    worker: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
