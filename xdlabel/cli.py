@@ -127,8 +127,14 @@ def _ingest(args: argparse.Namespace) -> int:
         bar.set_postfix(added=len(report.added), failed=len(report.failed), refresh=False)
         bar.refresh()
 
-    report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
-                            progress=progress).run(items)
+    if args.engine == "ray":
+        from xdlabel.ray_engine import run_on_ray
+
+        report = run_on_ray(services, args.dataset, items, batch_size=args.batch_size, tags=tuple(args.tag),
+                            actors=args.actors, address=args.ray_address, progress=progress)
+    else:
+        report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
+                                progress=progress).run(items)
     bar.close()
     services.close()
     summary = {"added": len(report.added), "duplicates": len(report.duplicates), "failed": report.failed}
@@ -192,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--glob", default="**/*", help="pattern inside folders (default: recursive)")
     ingest.add_argument("--image-root", help="folder of a COCO file's images (default: beside it)")
     ingest.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")
+    ingest.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local threads, or Ray Data with an actor pool holding the model")
+    ingest.add_argument("--actors", type=int, default=1, help="Ray: model actors (one GPU each when present)")
+    ingest.add_argument("--ray-address", help="Ray: cluster address (auto, ray://head:10001); default: local")
     ingest.add_argument("--dataset", required=True)
     ingest.add_argument("--tag", action="append", default=[], help="tag every image (repeatable)")
     ingest.add_argument("--batch-size", type=int, default=4)

@@ -59,6 +59,7 @@ class Decoded:
     rgb: np.ndarray | None = None
     mode: str | None = None
     error: str | None = None
+    size: tuple[int, int] | None = None  # (width, height), upright
 
 
 def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool) -> Decoded:
@@ -85,12 +86,28 @@ def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool) 
 
 
 @dataclass
-class _Batch:
+class InferredBatch:
+    """What one model pass produced for a batch, plus the batch's failed inputs."""
+
     decoded: list[Decoded]
     failures: list[Decoded]
     vectors: np.ndarray | None = None
     regions: list[list[Region]] | None = None
     captions: list[str] | None = None
+
+
+def infer(predictor: Predictor, batch: list[Decoded], failures: list[Decoded]) -> InferredBatch:
+    """One model pass: image vectors, region vectors and captions of the decoded images."""
+    out = InferredBatch(batch, failures)
+    if batch:
+        features = predictor.encode([d.rgb for d in batch if d.rgb is not None])
+        out.vectors = predictor.image_embeddings(features)
+        out.regions = predictor.region_embeddings(features)
+        out.captions = predictor.caption(features)
+    for d in batch:  # pixels are not needed past the model; keep what is written
+        d.size = (d.rgb.shape[1], d.rgb.shape[0]) if d.rgb is not None else None
+        d.rgb = None
+    return out
 
 
 class IngestPipeline:
@@ -101,17 +118,22 @@ class IngestPipeline:
         self.decode_workers, self.progress, self.should_stop = decode_workers, progress, should_stop
         self.report = IngestReport()
 
-    def run(self, items: Iterable[Item]) -> IngestReport:
-        services = self.services
-        with services.sessions() as session:
+    def prepare(self) -> set[str]:
+        """Create the dataset if needed; returns the content hashes it already holds."""
+        with self.services.sessions() as session:
             ds = dataset_by_name(session, self.dataset) or create_dataset(session, name=self.dataset)
             session.commit()
             self.dataset_id = ds.id
-            known = set(session.scalars(select(Image.sha256).where(Image.dataset_id == ds.id)))
+            self.stored = set(session.scalars(select(Image.sha256).where(Image.dataset_id == ds.id)))
+        self.services.model  # noqa: B018 - registers the model version before any write
+        return set(self.stored)
+
+    def run(self, items: Iterable[Item]) -> IngestReport:
+        services = self.services
+        known = self.prepare()
         settings = services.settings
         predictor = services.predictor  # load the model before the threads start
-        services.model  # noqa: B018 - registers the model version
-        writes: queue.Queue[_Batch | None] = queue.Queue(maxsize=2)
+        writes: queue.Queue[InferredBatch | None] = queue.Queue(maxsize=2)
         writer_error: list[BaseException] = []
         writer = threading.Thread(target=self._write_loop, args=(writes, writer_error), daemon=True)
         writer.start()
@@ -141,7 +163,7 @@ class IngestPipeline:
                 seen.add(decoded.digest)
                 (failures if decoded.error else batch).append(decoded)
                 if len(batch) == self.batch_size or len(failures) >= self.batch_size:
-                    writes.put(self._infer(predictor, batch, failures))
+                    writes.put(infer(predictor, batch, failures))
                     batch, failures = [], []
                     if self.should_stop and self.should_stop():
                         self.report.cancelled = True
@@ -149,44 +171,42 @@ class IngestPipeline:
                             future.cancel()
                         break
             if (batch or failures) and not writer_error and not self.report.cancelled:
-                writes.put(self._infer(predictor, batch, failures))
+                writes.put(infer(predictor, batch, failures))
         writes.put(None)
         writer.join()
         if writer_error:
             raise writer_error[0]
         return self.report
 
-    def _infer(self, predictor: Predictor, batch: list[Decoded], failures: list[Decoded]) -> _Batch:
-        out = _Batch(batch, failures)
-        if batch:
-            features = predictor.encode([d.rgb for d in batch if d.rgb is not None])
-            out.vectors = predictor.image_embeddings(features)
-            out.regions = predictor.region_embeddings(features)
-            out.captions = predictor.caption(features)
-        return out
-
-    def _write_loop(self, writes: queue.Queue[_Batch | None], errors: list[BaseException]) -> None:
+    def _write_loop(self, writes: queue.Queue[InferredBatch | None], errors: list[BaseException]) -> None:
         while (batch := writes.get()) is not None:
             if errors:
                 continue  # drain after a failure
             try:
-                self._write(batch)
+                self.write(batch)
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
                 errors.append(err)
 
-    def _write(self, batch: _Batch) -> None:
+    def write(self, batch: InferredBatch) -> None:
+        """One transaction: the batch's images, caption predictions and vectors, and its failures.
+        Content already stored (or written earlier in this run) is counted as a duplicate."""
         model = self.services.model
+        fresh = [k for k, d in enumerate(batch.decoded) if d.digest not in self.stored]
+        self.report.duplicates += [d.item.uri for k, d in enumerate(batch.decoded) if k not in fresh]
+        self.report.duplicates += [d.item.uri for d in batch.failures if d.digest in self.stored]
+        failures = [d for d in batch.failures if d.digest not in self.stored]
         with self.services.sessions() as session:
-            for d in batch.failures:
+            for d in failures:
                 session.add(Image(dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest, meta=d.item.meta,
                                   status="failed", error=d.error))
             items: list[NewEmbedding] = []
             added = []
-            for k, d in enumerate(batch.decoded):
-                assert d.rgb is not None and batch.vectors is not None and batch.regions is not None
+            for k in fresh:
+                d = batch.decoded[k]
+                assert d.size is not None and batch.vectors is not None and batch.regions is not None
                 assert batch.captions is not None
                 row = add_image(session, dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest,
-                                width=d.rgb.shape[1], height=d.rgb.shape[0], mode=d.mode, meta=d.item.meta,
+                                width=d.size[0], height=d.size[1], mode=d.mode, meta=d.item.meta,
                                 tags=self.tags, caption=batch.captions[k])
                 session.add(Prediction(image_id=row.id, model_version_id=model.version_id, task="caption",
                                        payload={"text": batch.captions[k]}))
@@ -197,8 +217,9 @@ class IngestPipeline:
             # One transaction per batch: images, predictions and vectors land together or not at all.
             self.services.store.add_embeddings(session, model.version_id,
                                                {"image": model.image_dim, "region": model.region_dim}, items)
+        self.stored |= {batch.decoded[k].digest for k in fresh} | {d.digest for d in failures}
         self.report.added += added
-        self.report.failed.update({d.item.uri: d.error or "" for d in batch.failures})
+        self.report.failed.update({d.item.uri: d.error or "" for d in failures})
         if self.progress:
             self.progress(self.report)
 
