@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,6 +14,9 @@ from index.repository import get_or_create_model_version
 from index.store import RetrievalStore
 from index.vectors import IndexParams
 from xdlabel.settings import Settings
+
+if TYPE_CHECKING:
+    from xdecoder import Predictor
 
 
 @dataclass(frozen=True)
@@ -32,28 +36,38 @@ class Services:
         self._lock = threading.Lock()
 
     @cached_property
-    def predictor(self):  # type: ignore[no-untyped-def]
-        """The X-Decoder predictor, loaded on first use (once per process)."""
-        from xdecoder import Predictor, build_model, load_checkpoint
-        from xdecoder.predictor import PredictorSettings
-
+    def predictor(self) -> Predictor:
+        """The X-Decoder predictor, loaded on first use, once per process (concurrent first
+        requests wait for the one load: cached_property alone would let each thread build one)."""
         with self._lock:
+            if "predictor" in self.__dict__:
+                return self.__dict__["predictor"]  # type: ignore[no-any-return]
+            from xdecoder import Predictor, build_model, load_checkpoint
+            from xdecoder.predictor import PredictorSettings
+
             model = build_model(self.settings.model)
             self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
-            return Predictor(model, device=self.settings.device,
-                             settings=PredictorSettings(short_side=self.settings.short_side))
+            predictor = Predictor(model, device=self.settings.device,
+                                  settings=PredictorSettings(short_side=self.settings.short_side))
+            self.__dict__["predictor"] = predictor  # published before the lock is released
+            return predictor
 
     @cached_property
     def model(self) -> ModelInfo:
         """The model version row of the loaded checkpoint (registered on first use)."""
         predictor = self.predictor
-        dim = predictor.model.config.dim_proj
-        name = f"{self.settings.model}-{self.checkpoint.sha256[:12]}"
-        with self.sessions() as session:
-            version = get_or_create_model_version(session, name=name, checkpoint_sha256=self.checkpoint.sha256,
-                                                  embedding_dim=dim)
-            session.commit()
-            return ModelInfo(version.id, name, 2 * dim, dim)
+        with self._lock:
+            if "model" in self.__dict__:
+                return self.__dict__["model"]  # type: ignore[no-any-return]
+            dim = predictor.model.config.dim_proj
+            name = f"{self.settings.model}-{self.checkpoint.sha256[:12]}"
+            with self.sessions() as session:
+                version = get_or_create_model_version(session, name=name, checkpoint_sha256=self.checkpoint.sha256,
+                                                      embedding_dim=dim)
+                session.commit()
+                info = ModelInfo(version.id, name, 2 * dim, dim)
+            self.__dict__["model"] = info
+            return info
 
     def close(self) -> None:
         self.store.save()
