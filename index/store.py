@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -127,13 +128,17 @@ def filtered_ids(model_version_id: int, kind: str, filters: Filters) -> Select[A
 
 
 class RetrievalStore:
-    def __init__(self, sessions: sessionmaker[Session], index_dir: Path, params: IndexParams | None = None
-                 ) -> None:
+    def __init__(self, sessions: sessionmaker[Session], index_dir: Path, params: IndexParams | None = None,
+                 refresh_seconds: float | None = 5.0) -> None:
+        """``refresh_seconds``: how often a loaded index is compared with SQL, so vectors written
+        by other processes (ingest workers) become searchable; None never checks again."""
         self.sessions = sessions
         self.index_dir = Path(index_dir)
         self.params = params or IndexParams()
+        self.refresh_seconds = refresh_seconds
         self._indexes: dict[tuple[int, str], VectorIndex] = {}
         self._owners: dict[tuple[int, str], Owners] = {}
+        self._checked: dict[tuple[int, str], float] = {}
         self._lock = threading.Lock()
 
     # -- indexes ------------------------------------------------------------------------------
@@ -167,8 +172,32 @@ class RetrievalStore:
             if key not in self._indexes:
                 self._indexes[key], report = self._open(model_version_id, kind, dim)
                 self._owners[key] = self._load_owners(model_version_id, kind)
+                self._checked[key] = time.monotonic()
                 log.info("index mv%s-%s %s (%d vectors)", model_version_id, kind, report.action, report.count)
+            elif self.refresh_seconds is not None and time.monotonic() - self._checked[key] >= self.refresh_seconds:
+                self._refresh(key)
             return self._indexes[key]
+
+    def _refresh(self, key: tuple[int, str]) -> None:
+        """Catch a loaded index up with SQL (rows other processes wrote or deleted)."""
+        self._checked[key] = time.monotonic()
+        owners, index = self._owners[key], self._indexes[key]
+        with self.sessions() as session:
+            if self._sql_manifest(session, *key) == (len(owners.ids), int(owners.ids.sum()),
+                                                     int(owners.ids.max(initial=0))):
+                return
+            rows = session.execute(select(Embedding.id, Embedding.image_id).where(
+                Embedding.model_version_id == key[0], Embedding.kind == key[1])).all()
+            sql = np.array(rows, dtype=np.int64).reshape(-1, 2)
+            extra = np.setdiff1d(owners.ids, sql[:, 0])
+            missing = np.setdiff1d(sql[:, 0], owners.ids)
+            index.remove(extra)
+            owners.remove(extra)
+            ids, vectors = self._vectors(session, missing.tolist(), *key)
+            index.add(ids, vectors)
+            pairs = sql[np.isin(sql[:, 0], ids)]
+            owners.add(pairs[:, 0], pairs[:, 1])
+        log.info("index mv%s-%s caught up with SQL: +%d -%d", *key, len(ids), len(extra))
 
     def sync(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
         with self._lock:
@@ -176,6 +205,7 @@ class RetrievalStore:
             index, report = self._open(model_version_id, kind, dim)
             self._indexes[(model_version_id, kind)] = index
             self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
+            self._checked[(model_version_id, kind)] = time.monotonic()
             return report
 
     def _load_owners(self, model_version_id: int, kind: str) -> Owners:
@@ -224,6 +254,7 @@ class RetrievalStore:
             index, report = self._rebuild(session, model_version_id, kind, dim)
             self._indexes[(model_version_id, kind)] = index
         self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
+        self._checked[(model_version_id, kind)] = time.monotonic()
         return report
 
     def save(self) -> dict[tuple[int, str], Manifest]:

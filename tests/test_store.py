@@ -137,3 +137,21 @@ def test_bad_vectors_are_rejected_and_nothing_is_written(populated) -> None:  # 
                                                                       np.zeros(3))])
         s.rollback()
         assert s.query(Embedding).count() == before
+
+
+def test_another_process_writes_become_searchable(populated) -> None:  # type: ignore[no-untyped-def]
+    """The API process's store catches up with vectors an ingest worker wrote (and deleted)."""
+    sessions, mv = populated["sessions"], populated["mv"]
+    reader = RetrievalStore(sessions, populated["path"], refresh_seconds=0)  # the API process
+    reader.search(mv, "image", populated["x"][:1], k=1)  # loaded
+    writer = RetrievalStore(sessions, populated["path"])  # the worker process
+    new = clustered(1, seed=77)[0]
+    with sessions() as s:
+        image = add_image(s, dataset_id=populated["a"], uri="file:///new.png", sha256="f" * 64)
+        s.commit()
+        writer.add_embeddings(s, mv, {"image": DIM}, [NewEmbedding(image.id, "image", new)])
+        victim = int(populated["image_ids"][0])
+        writer.remove_images(s, [victim])
+    hit = reader.search(mv, "image", new[None], k=1)[0][0]
+    assert hit.image_id == image.id and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert victim not in [h.image_id for h in reader.search(mv, "image", populated["x"][:1], k=3)[0]]
