@@ -172,3 +172,18 @@ def test_autocast_path_runs_and_stays_close(parity_model: XDecoder, other: Image
     a = exact.image_embeddings(exact.encode(other))
     b = mixed.image_embeddings(mixed.encode(other))
     assert float(a[0] @ b[0]) > 0.99
+
+
+def test_uncertainty_ranks_ambiguous_outputs_higher(predictor: Predictor, other: Image.Image) -> None:
+    from xdecoder.postprocess import uncertainty
+
+    q, k = 11, 3
+    confident_logits = torch.full((q, k + 1), -10.0)
+    confident_logits[:, 0] = 10.0
+    confident_masks = torch.full((q, 8, 8), 10.0)
+    unsure_logits = torch.zeros((q, k + 1))
+    unsure_masks = torch.zeros((q, 8, 8))
+    low, high = uncertainty(confident_logits, confident_masks), uncertainty(unsure_logits, unsure_masks)
+    assert 0 <= low < 0.05 and high > 0.9
+    scores = predictor.uncertainty(predictor.encode([other, other]), CLASSES)
+    assert scores.shape == (2,) and 0 <= scores.min() <= scores.max() <= 1 and scores[0] == pytest.approx(scores[1])

@@ -132,3 +132,22 @@ def masks_to_boxes(masks: Tensor) -> Tensor:
 
 def nearest_resize(mask: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0] > 0.5
+
+
+def uncertainty(logits: Tensor, mask_logits: Tensor) -> float:
+    """Per-image uncertainty in [0, 1] from the model's own outputs, to review the least certain first.
+
+    Mean of two terms at the decoder's resolution (no upsampling): (1) over pixels, 1 - the margin between
+    the best and second-best normalized semantic scores (class ambiguity); (2) the share of pixels whose
+    most confident query's mask probability is within 0.2 of the 0.5 threshold (boundary ambiguity).
+    """
+    probs = logits.softmax(-1)[:, :-1]
+    sigmoid = mask_logits.sigmoid()
+    scores = torch.einsum("qc,qhw->chw", probs, sigmoid)
+    scores = scores / scores.sum(0, keepdim=True).clamp_min(1e-6)
+    top2 = scores.topk(min(2, scores.shape[0]), dim=0).values
+    margin = top2[0] - (top2[1] if top2.shape[0] > 1 else 0)
+    owner = (probs.max(-1).values[:, None, None] * sigmoid).argmax(0)
+    owner_prob = sigmoid.gather(0, owner[None])[0]
+    boundary = ((owner_prob - 0.5).abs() < 0.2).float().mean()
+    return float(0.5 * (1 - margin.mean()) + 0.5 * boundary)

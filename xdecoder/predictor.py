@@ -31,6 +31,7 @@ from xdecoder.postprocess import (
     nearest_resize,
     panoptic_segments,
     semantic_scores,
+    uncertainty,
 )
 from xdecoder.prompts import class_prompts
 from xdecoder.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
@@ -293,6 +294,14 @@ class Predictor:
                     out["scores"].cpu().numpy(), out["classes"].cpu().numpy(),
                     [class_names[int(c)] for c in out["classes"]], out["queries"].cpu().numpy()))
         return results
+
+    def uncertainty(self, features: Features, class_names: Sequence[str]) -> np.ndarray:
+        """[B] per-image uncertainty in [0, 1] for these class names (see ``postprocess.uncertainty``)."""
+        with self._context():
+            return np.array([uncertainty(self._logits(image, class_names),
+                                         image.mask_logits[:, : -(-image.geometry.resized[0] // 4),
+                                                           : -(-image.geometry.resized[1] // 4)])
+                             for image in features], dtype=np.float32)
 
     # -- referring segmentation ------------------------------------------------------------
 
