@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xdecoder.modeling.decoder import HeadOutput, Memory
+from xdecoder.modeling.decoder import Memory
 from xdecoder.modeling.xdecoder import SIZE_DIVISIBILITY, XDecoder
 from xdecoder.postprocess import (
     MaskUpsampler,
@@ -456,6 +456,6 @@ class Predictor:
 
 
 __all__ = [
-    "EncodedImage", "Features", "GroundingResult", "HeadOutput", "InstanceResult", "PanopticResult",
+    "EncodedImage", "Features", "GroundingResult", "InstanceResult", "PanopticResult",
     "Predictor", "PredictorSettings", "Region", "Segment", "SemanticResult",
 ]

@@ -33,7 +33,7 @@ class HeadOutput:
     logits: Tensor | None = None  # [B, N, K+1] when class text embeddings were given
     caption_features: Tensor | None = None  # [B, 77, D] captioning mode only
     # Segmentation pass only: per layer, the latent queries after cross-attention ([Q, B, D]),
-    # which is all that caption tokens ever see of them (see ``caption_prefix``).
+    # which is all that caption tokens ever see of them (see ``caption_start``).
     latents: list[Tensor] | None = None
 
 
