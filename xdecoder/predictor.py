@@ -34,6 +34,7 @@ from xdecoder.postprocess import (
     uncertainty,
 )
 from xdecoder.prompts import class_prompts
+from xdecoder.results import GroundingResult, InstanceResult, PanopticResult, Region, Segment, SemanticResult
 from xdecoder.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
 from xdecoder.transforms import ImageGeometry, ImageInput, pad_batch, padded_shape, resize, to_rgb
 
@@ -67,60 +68,6 @@ class Features:
 
     def __iter__(self) -> Iterator[EncodedImage]:
         return iter(self.images)
-
-
-@dataclass
-class SemanticResult:
-    label_map: np.ndarray  # [H, W] int32 index into class_names
-    score_map: np.ndarray  # [H, W] float32 score of the chosen class
-    class_names: list[str]
-    scores: np.ndarray | None = None  # [K, H, W] float32, when asked for
-
-
-@dataclass
-class Segment:
-    id: int
-    category_id: int
-    label: str
-    isthing: bool
-    score: float
-    area: int
-    box: tuple[float, float, float, float]  # XYXY pixels
-    query: int
-
-
-@dataclass
-class PanopticResult:
-    segment_map: np.ndarray  # [H, W] int32, 0 = void, else Segment.id
-    segments: list[Segment]
-
-
-@dataclass
-class InstanceResult:
-    masks: np.ndarray  # [N, H, W] bool
-    boxes: np.ndarray  # [N, 4] float32 XYXY pixels, from the masks
-    scores: np.ndarray  # [N] class score x mask score, descending
-    category_ids: np.ndarray  # [N] int64
-    labels: list[str]
-    queries: np.ndarray  # [N] decoder query of each instance
-
-
-@dataclass
-class GroundingResult:
-    phrase: str
-    mask: np.ndarray  # [H, W] bool
-    logits: np.ndarray  # [H, W] float32 mask logits (mask = logits > 0)
-    score: float  # exp(logit_scale) (clamped at 100) x cosine of the chosen query and the phrase
-    query: int
-
-
-@dataclass
-class Region:
-    mask: np.ndarray  # [H, W] bool
-    box: tuple[float, float, float, float]
-    embedding: np.ndarray  # [D] unit vector, comparable with text_embeddings()
-    score: float  # mean mask probability inside the mask
-    query: int
 
 
 @dataclass

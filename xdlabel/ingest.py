@@ -29,7 +29,8 @@ from sqlalchemy import select
 from index.models import Image, Prediction
 from index.repository import add_image, create_dataset, dataset_by_name
 from index.store import NewEmbedding
-from xdecoder.predictor import Predictor, Region
+from xdecoder.predictor import Predictor
+from xdecoder.results import Region
 from xdecoder.transforms import to_rgb
 from xdlabel.services import Services
 from xdlabel.sources import FetchError, Item, fetch
