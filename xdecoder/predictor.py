@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -82,11 +82,6 @@ class PredictorSettings:
     caption_steps: int | None = None  # None: the model config's (50 for released models)
 
 
-@dataclass
-class _TextCache:
-    class_embeddings: dict[str, Tensor] = field(default_factory=dict)
-
-
 def _box(row: Tensor) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(v) for v in row)
     return (x0, y0, x1, y1)
@@ -106,7 +101,7 @@ class Predictor:
         self.tokenizer = ClipTokenizer(model.config.text.context_length)
         # fp16/bf16 autocast on CUDA only; CPU stays float32 for exactness.
         self.autocast = (self.device.type == "cuda") if autocast is None else autocast
-        self._cache = _TextCache()
+        self._class_embeddings: dict[str, Tensor] = {}  # per class name, across calls
 
     # -- running the network -----------------------------------------------------------------
 
@@ -165,7 +160,7 @@ class Predictor:
     def class_embeddings(self, class_names: Sequence[str]) -> Tensor:
         """[K+1, D]: each name averaged over the 81 templates, plus "background" (cached per name)."""
         names = list(class_names) + [BACKGROUND]
-        cache = self._cache.class_embeddings
+        cache = self._class_embeddings
         missing = [n for n in dict.fromkeys(names) if n not in cache]
         for name in missing:
             e = self._sentence_embeddings(class_prompts(name))
