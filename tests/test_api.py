@@ -19,10 +19,11 @@ import pytest
 import uvicorn
 from PIL import Image, ImageDraw
 
+from annotator.convert import coco_rle_to_mask
 from tests.conftest import PARITY
 from xdlabel.api import create_app
 from xdlabel.api.auth import create_api_key
-from xdlabel.ingest import decode_rle, ingest_files
+from xdlabel.ingest import ingest_files
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -150,7 +151,7 @@ def test_region_search_returns_boxes_and_masks(api) -> None:  # type: ignore[no-
     hits = client.post("/v1/search/regions", json={"query": "a circle", "k": 5}).json()["hits"]
     assert hits, "the ingested images produced no regions"
     for h in hits:
-        mask = decode_rle(h["mask_rle"])
+        mask = coco_rle_to_mask(h["mask_rle"])
         ys, xs = np.nonzero(mask)
         assert h["box"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         image = client.get(f"/v1/images/{h['image_id']}").json()

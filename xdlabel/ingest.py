@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageOps
-from pycocotools import mask as mask_utils
 from sqlalchemy import select
 
+from annotator.convert import mask_to_coco_rle
 from index.models import Image, Prediction
 from index.repository import add_image, create_dataset, dataset_by_name
 from index.store import NewEmbedding
@@ -34,15 +34,6 @@ from xdecoder.results import Region
 from xdecoder.transforms import to_rgb
 from xdlabel.services import Services
 from xdlabel.sources import FetchError, Item, fetch
-
-
-def encode_rle(mask: np.ndarray) -> dict[str, object]:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def decode_rle(rle: dict[str, object]) -> np.ndarray:
-    return mask_utils.decode({"size": rle["size"], "counts": str(rle["counts"]).encode("ascii")}).astype(bool)
 
 
 @dataclass
@@ -212,8 +203,8 @@ class IngestPipeline:
                 session.add(Prediction(image_id=row.id, model_version_id=model.version_id, task="caption",
                                        payload={"text": batch.captions[k]}))
                 items.append(NewEmbedding(row.id, "image", batch.vectors[k]))
-                items += [NewEmbedding(row.id, "region", r.embedding, box=list(r.box), mask_rle=encode_rle(r.mask),
-                                       score=r.score) for r in batch.regions[k]]
+                items += [NewEmbedding(row.id, "region", r.embedding, box=list(r.box),
+                                       mask_rle=mask_to_coco_rle(r.mask), score=r.score) for r in batch.regions[k]]
                 added.append(row.id)
             # One transaction per batch: images, predictions and vectors land together or not at all.
             self.services.store.add_embeddings(session, model.version_id,
