@@ -136,10 +136,39 @@ class Annotation(Base):
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"), index=True)
     ls_task_id: Mapped[int | None] = mapped_column(Integer, index=True)
     ls_annotation_id: Mapped[int | None] = mapped_column(Integer, unique=True)
-    payload: Mapped[dict[str, Any]] = mapped_column()
-    action: Mapped[str] = mapped_column(String(32))
+    ls_project_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    payload: Mapped[dict[str, Any]] = mapped_column()  # the annotation as Label Studio sent it
+    task_data: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the task's data (image URL...)
+    action: Mapped[str] = mapped_column(String(32))  # the latest webhook action
+    deleted_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class LabelStudioDelivery(Base):
+    """Outbox of predictions for Label Studio: written in the transaction that computed them,
+    delivered in bulk later, so an outage of Label Studio loses nothing. One row per
+    (server, project, task, model version): enqueuing twice changes nothing."""
+
+    __tablename__ = "ls_deliveries"
+    __table_args__ = (UniqueConstraint("server", "project_id", "task_id", "model_version",
+                                       name="uq_ls_deliveries_target"),
+                      Index("ix_ls_deliveries_state", "server", "state", "id"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    server: Mapped[str] = mapped_column(String(500))  # Label Studio base URL
+    project_id: Mapped[int] = mapped_column(Integer)
+    task_id: Mapped[int] = mapped_column(Integer)
+    model_version: Mapped[str] = mapped_column(String(200))
+    result: Mapped[list[Any]] = mapped_column()
+    score: Mapped[float | None] = mapped_column(Float)  # 1 - uncertainty: sort ascending to review
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    # pending -> sending (a request is out: on a crash the next run asks Label Studio) -> delivered | failed
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column()
 
 
 class Job(Base):

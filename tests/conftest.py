@@ -2,6 +2,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import uvicorn
+from PIL import Image, ImageDraw
 
+from annotator.localserver import LocalLabelStudio, ensure_virtualenv
+from xdlabel.api import create_app
+from xdlabel.services import Services
+
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "parity"
 
@@ -90,8 +100,69 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database."""
+    yield from _postgres_database()
+
+
+@pytest.fixture
 def migrated_url(database_url: str) -> str:
     from index.db import upgrade
 
     upgrade(database_url)
     return database_url
+
+
+# -- real servers: xdlabel under uvicorn, Label Studio from its own virtualenv ----------------------
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        image = Image.new("RGB", (160, 120), tuple(int(c) for c in rng.integers(0, 255, 3)))
+        draw = ImageDraw.Draw(image)
+        x, y = (int(v) for v in rng.integers(10, 90, 2))
+        draw.ellipse([x, y, x + 40, y + 30], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        paths.append(folder / f"img{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+class Server:
+    """xdlabel's HTTP app under a real uvicorn server on a free port, in a thread."""
+
+    def __init__(self, services: Services) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(create_app(services=services), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalLabelStudio]:
+    """A real Label Studio on 127.0.0.1 (installed into .venv-labelstudio on first use: ~1 min)."""
+    venv = Path(os.environ.get("XDLABEL_TEST_LS_VENV", REPO / ".venv-labelstudio"))
+    server = LocalLabelStudio(ensure_virtualenv(venv), tmp_path_factory.mktemp("label-studio"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

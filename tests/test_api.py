@@ -7,62 +7,20 @@ check what the API does with its outputs, not search quality.
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from annotator.convert import coco_rle_to_mask
-from tests.conftest import PARITY
-from xdlabel.api import create_app
+from tests.conftest import PARITY, Server, make_images
 from xdlabel.api.auth import create_api_key
 from xdlabel.ingest import ingest_files
 from xdlabel.services import Services
 from xdlabel.settings import Settings
-
-
-def make_images(folder: Path, n: int) -> list[Path]:
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        image = Image.new("RGB", (160, 120), tuple(int(c) for c in rng.integers(0, 255, 3)))
-        draw = ImageDraw.Draw(image)
-        x, y = (int(v) for v in rng.integers(10, 90, 2))
-        draw.ellipse([x, y, x + 40, y + 30], fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-        paths.append(folder / f"img{i}.png")
-        image.save(paths[-1])
-    return paths
-
-
-class Server:
-    def __init__(self, services: Services) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(services=services), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +63,23 @@ def to_rgb(image: ImageInput) -> np.ndarray:
         alpha = arr[:, :, 3:].astype(np.float32) / 255.0
         arr = np.rint(arr[:, :, :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
     return np.ascontiguousarray(arr)
+
+
+def read_image(data: bytes, max_pixels: int = 64_000_000) -> tuple[np.ndarray, str]:
+    """Encoded image bytes -> (upright RGB uint8 array, the file's PIL mode). Raises ValueError with
+    the reason for an empty, unreadable or over-large (decompression bomb) file."""
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                if image.width * image.height > max_pixels:
+                    raise ValueError(f"{image.width}x{image.height} is over the {max_pixels}-pixel limit")
+                image.load()
+                return to_rgb(ImageOps.exif_transpose(image)), image.mode
+    except Exception as err:  # noqa: BLE001 - every decoder failure is a bad input, not a crash
+        raise ValueError(f"not a readable image: {type(err).__name__}: {err}") from err
 
 
 def resized_shape(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:

@@ -11,18 +11,14 @@ as failed images with the reason, and the job carries on.
 from __future__ import annotations
 
 import hashlib
-import io
 import queue
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
-from PIL import ImageOps
 from sqlalchemy import select
 
 from annotator.convert import mask_to_coco_rle
@@ -31,7 +27,7 @@ from index.repository import add_image, create_dataset, dataset_by_name
 from index.store import NewEmbedding
 from xdecoder.predictor import Predictor
 from xdecoder.results import Region
-from xdecoder.transforms import to_rgb
+from xdecoder.transforms import read_image
 from xdlabel.services import Services
 from xdlabel.sources import FetchError, Item, fetch
 
@@ -61,19 +57,10 @@ def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool) 
     except (FetchError, OSError) as err:
         return Decoded(item, hashlib.sha256(item.uri.encode()).hexdigest(), error=str(err))
     digest = hashlib.sha256(data).hexdigest()
-    if not data:
-        return Decoded(item, digest, error="empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(data)) as image:
-                if image.width * image.height > max_pixels:
-                    raise ValueError(f"{image.width}x{image.height} is over the {max_pixels}-pixel limit")
-                image.load()
-                mode = image.mode
-                rgb = to_rgb(ImageOps.exif_transpose(image))
-    except Exception as err:  # noqa: BLE001 - every decoder failure is a bad input, not a crash
-        return Decoded(item, digest, error=f"not a readable image: {type(err).__name__}: {err}")
+        rgb, mode = read_image(data, max_pixels)
+    except ValueError as err:
+        return Decoded(item, digest, error=str(err))
     return Decoded(item, digest, rgb, mode)
 
 

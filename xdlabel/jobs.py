@@ -22,7 +22,7 @@ from index.models import Job
 from xdlabel.services import Services
 
 log = logging.getLogger(__name__)
-KINDS = ("ingest",)
+KINDS = ("ingest", "finetune")  # finetune: from Label Studio annotations (queued by START_TRAINING)
 MAX_ERRORS = 50
 
 

@@ -27,6 +27,10 @@ class ModelInfo:
     region_dim: int
 
 
+def version_name(config: str, checkpoint_sha256: str) -> str:
+    return f"{config}-{checkpoint_sha256[:12]}"
+
+
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -53,6 +57,15 @@ class Services:
             return predictor
 
     @cached_property
+    def model_version_name(self) -> str:
+        """The loaded model's version name, known without loading the model (from the file's hash)."""
+        if "model" in self.__dict__:
+            return self.model.name
+        from xdecoder.checkpoint import file_sha256, resolve
+
+        return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)))
+
+    @cached_property
     def model(self) -> ModelInfo:
         """The model version row of the loaded checkpoint (registered on first use)."""
         predictor = self.predictor
@@ -60,7 +73,7 @@ class Services:
             if "model" in self.__dict__:
                 return self.__dict__["model"]  # type: ignore[no-any-return]
             dim = predictor.model.config.dim_proj
-            name = f"{self.settings.model}-{self.checkpoint.sha256[:12]}"
+            name = version_name(self.settings.model, self.checkpoint.sha256)
             with self.sessions() as session:
                 version = get_or_create_model_version(session, name=name, checkpoint_sha256=self.checkpoint.sha256,
                                                       embedding_dim=dim)

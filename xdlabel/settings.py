@@ -33,6 +33,19 @@ class Settings(BaseSettings):
     allow_private_urls: bool = False  # ingest URLs resolving to private/loopback addresses
     allowed_origins: list[str] = Field(default_factory=list)
 
+    # Label Studio: the server to push to and read task images from (a legacy token or a personal
+    # access token), and how its projects are pre-labelled.
+    ls_url: str | None = None
+    ls_token: str | None = None
+    ls_task: str = "auto"  # auto | panoptic | instance | semantic
+    ls_score_threshold: float = 0.5
+    ls_thresholds: dict[str, float] = Field(default_factory=dict)  # per label value
+    ls_polygon_tolerance: float = 1.0  # pixels
+    ls_chunk_size: int = 200  # predictions per bulk request
+    # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
+    ml_backend_user: str = "xdlabel"
+    ml_backend_password: str | None = None
+
     @property
     def sqlalchemy_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'xdlabel.db'}"

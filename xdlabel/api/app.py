@@ -15,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from xdlabel.api import mlbackend
 from xdlabel.api.routes import router
 from xdlabel.services import Services
 from xdlabel.settings import Settings
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                   description="Text, image and region search over image corpora with X-Decoder.")
     app.state.services = services
     app.include_router(router)
+    app.include_router(mlbackend.router)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,236 @@
+"""Label Studio's ML backend protocol at /ml: register ``http://<host>:<port>/ml`` in a project.
+
+Label Studio calls /health and /setup before every batch (1 s and 3 s timeouts), so both answer
+without touching the model; /predict encodes each image once for the whole batch; /webhook stores
+human annotations and queues training, answering at once (Label Studio waits 1 s and never retries).
+Every route needs HTTP basic auth (``XDLABEL_ML_BACKEND_USER`` / ``_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from annotator.client import LabelStudioClient
+from annotator.labeling import LabelingConfig, parse_labeling_config
+from annotator.prelabel import PrelabelSettings, interactive, predictions
+from annotator.project import task_image_url
+from index.models import Annotation, ModelVersion
+from xdecoder.transforms import read_image
+from xdlabel.api.auth import ServicesDep
+from xdlabel.jobs import submit
+from xdlabel.services import Services
+
+log = logging.getLogger(__name__)
+basic = HTTPBasic(auto_error=False)
+
+
+def check_basic_auth(services: ServicesDep,
+                     credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]) -> None:
+    password = services.settings.ml_backend_password
+    if not password:
+        raise HTTPException(503, "the ML backend is off: set XDLABEL_ML_BACKEND_PASSWORD to enable it")
+    if credentials is None:
+        raise HTTPException(401, "basic auth required", headers={"WWW-Authenticate": "Basic"})
+    user_ok = secrets.compare_digest(credentials.username.encode(), services.settings.ml_backend_user.encode())
+    password_ok = secrets.compare_digest(credentials.password.encode(), password.encode())
+    if not (user_ok and password_ok):
+        raise HTTPException(401, "wrong user or password", headers={"WWW-Authenticate": "Basic"})
+
+
+router = APIRouter(prefix="/ml", tags=["label studio ml backend"], dependencies=[Depends(check_basic_auth)])
+
+
+class SetupRequest(BaseModel):
+    project: str = ""
+    schema_: str = Field("", alias="schema")
+    hostname: str | None = None
+    access_token: str | None = None
+    extra_params: Any = None
+
+
+class PredictRequest(BaseModel):
+    tasks: list[dict[str, Any]]
+    project: str | None = None
+    label_config: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Connections:
+    """Per Label Studio project (as /setup names it: "<id>.<created>"), where its files are read."""
+
+    def __init__(self) -> None:
+        self._by_project: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def remember(self, project: str, hostname: str | None, token: str | None) -> None:
+        if hostname and token:
+            with self._lock:
+                self._by_project[project] = (hostname, token)
+
+    def client(self, services: Services, project: str | None) -> LabelStudioClient:
+        settings = services.settings
+        if settings.ls_url and settings.ls_token:  # configured: wins over what /setup said
+            return _client(settings.ls_url, settings.ls_token)
+        with self._lock:
+            known = self._by_project.get(project or "")
+        if known is None:
+            raise HTTPException(400, "no Label Studio connection for this project: set XDLABEL_LS_URL and "
+                                     "XDLABEL_LS_TOKEN, or let Label Studio call /setup first")
+        return _client(*known)
+
+
+@lru_cache(maxsize=32)
+def _client(url: str, token: str) -> LabelStudioClient:
+    return LabelStudioClient(url, token)
+
+
+@lru_cache(maxsize=64)
+def _config(xml: str, task: str, default: float, thresholds: tuple[tuple[str, float], ...]) -> LabelingConfig:
+    return parse_labeling_config(xml, task, default, dict(thresholds))
+
+
+def labeling_config(services: Services, xml: str) -> LabelingConfig:
+    s = services.settings
+    try:
+        return _config(xml, s.ls_task, s.ls_score_threshold, tuple(sorted(s.ls_thresholds.items())))
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from None
+
+
+def connections(services: Services) -> Connections:
+    if not hasattr(services, "ls_connections"):
+        services.ls_connections = Connections()  # type: ignore[attr-defined]
+    return services.ls_connections  # type: ignore[attr-defined,no-any-return]
+
+
+_model_lock = threading.Lock()
+
+
+def _warm_up(services: Services) -> None:
+    """Load the model in the background so that the first /predict does not wait for it."""
+    def load() -> None:
+        try:
+            services.predictor  # noqa: B018 - loads it
+        except Exception:  # noqa: BLE001 - /predict reports the error
+            log.exception("model warm-up failed")
+
+    if "predictor" not in services.__dict__:
+        threading.Thread(target=load, daemon=True).start()
+
+
+@router.get("/health")
+def health(services: ServicesDep) -> dict[str, Any]:
+    return {"status": "UP", "model_class": "X-Decoder", "model_loaded": "predictor" in services.__dict__}
+
+
+@router.post("/setup")
+def setup(body: SetupRequest, services: ServicesDep) -> dict[str, str]:
+    labeling_config(services, body.schema_)  # a config we cannot serve is refused at registration
+    connections(services).remember(body.project, body.hostname, body.access_token)
+    _warm_up(services)
+    return {"model_version": services.model_version_name}
+
+
+@router.get("/versions")
+def versions(services: ServicesDep) -> dict[str, list[str]]:
+    with services.sessions() as session:
+        names = list(session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)))
+    current = services.model_version_name
+    return {"versions": names if current in names else [*names, current]}
+
+
+def _read_images(client: LabelStudioClient, tasks: list[dict[str, Any]], config: LabelingConfig,
+                 services: Services) -> list[Any]:
+    s = services.settings
+
+    def read(task: dict[str, Any]) -> Any:
+        try:
+            data = client.read_file(task_image_url(task, config), s.max_image_bytes)
+            return read_image(data, s.max_image_pixels)[0]
+        except Exception as err:  # noqa: BLE001 - reported per task; the batch goes on
+            log.warning("task %s: %s", task.get("id"), err)
+            return None
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(read, tasks))
+
+
+@router.post("/predict")
+def predict(body: PredictRequest, services: ServicesDep) -> dict[str, Any]:
+    """One result per task, in order; a task whose image cannot be read gets an empty result."""
+    if not body.label_config:
+        raise HTTPException(400, "label_config is missing")
+    config = labeling_config(services, body.label_config)
+    client = connections(services).client(services, body.project)
+    images = _read_images(client, body.tasks, config, services)
+    version = services.model_version_name
+    settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
+    empty = {"result": [], "score": 0.0, "model_version": version}
+    results: list[dict[str, Any]] = [dict(empty) for _ in body.tasks]
+    readable = [k for k, image in enumerate(images) if image is not None]
+    context = body.params.get("context")
+    if readable:
+        with _model_lock:  # one batch at a time: the model's memory is sized for one
+            predictor = services.predictor
+            features = predictor.encode([images[k] for k in readable])
+            if context and context.get("result"):
+                out = [interactive(predictor, features, config, context, version, settings)]
+            else:
+                out = predictions(predictor, features, config, version, settings)
+        for k, prediction in zip(readable, out, strict=False):
+            results[k] = prediction
+    return {"results": results}
+
+
+_ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+
+
+@router.post("/webhook")
+def webhook(body: dict[str, Any], services: ServicesDep) -> dict[str, Any]:
+    """Stores human annotations (upserted by Label Studio's id; deletions kept as deleted) and
+    queues a fine-tuning job on START_TRAINING. Only SQL writes here: Label Studio waits 1 s."""
+    action = str(body.get("action", ""))
+    project = body.get("project") or {}
+    with services.sessions() as session:
+        if action in _ANNOTATION_ACTIONS:
+            annotation, task = body.get("annotation") or {}, body.get("task") or {}
+            if "id" not in annotation:
+                raise HTTPException(422, f"{action} without an annotation id")
+            row = session.scalar(select(Annotation).where(Annotation.ls_annotation_id == annotation["id"]))
+            if row is None:
+                row = Annotation(ls_annotation_id=annotation["id"])
+                session.add(row)
+            row.ls_task_id = annotation.get("task") or task.get("id")
+            row.ls_project_id = annotation.get("project") or project.get("id")
+            row.payload, row.task_data, row.action = annotation, task.get("data", {}), action
+            row.deleted_at = None
+            session.commit()
+            return {"status": "stored", "annotation": annotation["id"]}
+        if action == "ANNOTATIONS_DELETED":
+            ids = [a["id"] for a in body.get("annotations", []) if "id" in a]
+            now = datetime.now(UTC)
+            for row in session.scalars(select(Annotation).where(Annotation.ls_annotation_id.in_(ids))):
+                row.deleted_at, row.action = now, action
+            session.commit()
+            return {"status": "deleted", "annotations": ids}
+        if action == "START_TRAINING":
+            job = submit(session, "finetune", {"ls_project": project.get("id"),
+                                               "label_config_sha": _sha(project.get("label_config", ""))})
+            return {"status": "queued", "job": job.id}
+    return {"status": "ignored", "action": action}
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
