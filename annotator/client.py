@@ -20,6 +20,15 @@ class LabelStudioUnavailable(ConnectionError):
     """The server did not answer (down, restarting, unreachable); the work can be retried."""
 
 
+class LabelStudioError(ValueError):
+    """The server refused a request (4xx): retrying the same request will not help."""
+
+    def __init__(self, status_code: int | None, body: Any) -> None:
+        super().__init__(f"Label Studio answered {status_code}: {body}")
+        self.status_code = status_code
+        self.body = body
+
+
 def _is_jwt(token: str) -> bool:
     return token.count(".") == 2
 
@@ -45,7 +54,7 @@ class LabelStudioClient:
         except ApiError as err:
             if err.status_code in (502, 503, 504):
                 raise LabelStudioUnavailable(f"Label Studio at {self.url} answered {err.status_code}") from err
-            raise
+            raise LabelStudioError(err.status_code, err.body) from None
 
     def project(self, project_id: int) -> dict[str, Any]:
         return self.call(self.sdk.projects.get, id=project_id).model_dump()  # type: ignore[no-any-return]

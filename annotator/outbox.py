@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from label_studio_sdk.core.api_error import ApiError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from annotator.client import LabelStudioClient, LabelStudioUnavailable
+from annotator.client import LabelStudioClient, LabelStudioError, LabelStudioUnavailable
 from index.models import LabelStudioDelivery
 
 log = logging.getLogger(__name__)
@@ -128,16 +127,16 @@ class Outbox:
         for project_id, version in sorted(versions):
             try:
                 self.client.set_model_version(project_id, version)
-            except ApiError as err:  # the project was deleted meanwhile: nothing to pre-fill
+            except LabelStudioError as err:  # the project was deleted meanwhile: nothing to pre-fill
                 log.warning("project %s: cannot set model_version %r: %s", project_id, version, err.body)
 
     def _send(self, session: Session, rows: list[LabelStudioDelivery], report: DeliveryReport) -> None:
         try:
             report.requests += 1
             self.client.import_predictions(rows[0].project_id, [_payload(r) for r in rows])
-        except ApiError as err:
+        except LabelStudioError as err:
             if len(rows) == 1:  # a bad row (its task deleted, a result Label Studio refuses)
-                rows[0].state, rows[0].error = "failed", f"Label Studio answered {err.status_code}: {err.body}"
+                rows[0].state, rows[0].error = "failed", str(err)
                 report.failed += 1
                 session.commit()
                 return

@@ -341,3 +341,60 @@ def test_export_from_stored_webhook_annotations(sessions) -> None:  # type: igno
     coco = to_coco(tasks)
     assert coco["categories"] == [{"id": 1, "name": "box", "supercategory": ""}]
     assert coco["annotations"][0]["area"] == int(mask.sum()) and coco["images"][0]["file_name"] == "/data/x.png"
+
+
+def test_cli_prelabel_export_and_connect(ls_client: LabelStudioClient, label_studio: LocalLabelStudio,
+                                         tmp_path: Path) -> None:
+    """The commands a user runs, as processes: prelabel a project, export it, register the backend."""
+    import os
+    import subprocess
+    import sys
+
+    images = make_images(tmp_path / "photos", 2)
+    project_id, task_ids = _project(ls_client, label_studio, images, "cli")
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_LS_URL": label_studio.url,
+           "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_SHORT_SIDE": "128", "XDLABEL_LS_TASK": "semantic",
+           "XDLABEL_LS_SCORE_THRESHOLD": "0"}
+
+    def xdlabel(*args: str) -> dict[str, Any]:
+        done = subprocess.run([sys.executable, "-m", "xdlabel.cli", *args, "--json"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    report = xdlabel("prelabel", "--project", str(project_id))
+    assert report["predicted"] == 2 and report["delivered"] == 2 and report["pending"] == 0
+    exported = xdlabel("export", "--project", str(project_id), "--predictions", "--out", str(tmp_path / "p.json"))
+    coco = json.loads((tmp_path / "p.json").read_text())
+    assert exported["written"] == len(coco["annotations"]) > 0
+    assert {a["image_id"] for a in coco["annotations"]} == set(task_ids)
+    assert all(0 <= a["score"] <= 1 for a in coco["annotations"])
+    xdlabel("export", "--project", str(project_id), "--format", "json", "--out", str(tmp_path / "ls.json"))
+    assert [t["id"] for t in json.loads((tmp_path / "ls.json").read_text())] == task_ids
+
+    env["XDLABEL_ML_BACKEND_PASSWORD"] = "pw"
+    done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "labelstudio", "connect", "--project",
+                           str(project_id), "--url", "http://127.0.0.1:9/ml"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "error:" in done.stderr  # nothing listens there: refused, said clearly
+
+
+def test_a_prediction_label_studio_refuses_is_set_aside_and_the_rest_delivered(
+        ls_client: LabelStudioClient, sessions) -> None:  # type: ignore[no-untyped-def]
+    project = ls_client.sdk.projects.create(title="refused", label_config=CONFIG)
+    task_ids = ls_client.sdk.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": f"http://127.0.0.1:9/{i}.png"}} for i in range(6)]).task_ids
+    deleted = task_ids[2]
+    ls_client.sdk.tasks.delete(id=str(deleted))
+    mask = np.eye(8, dtype=bool)
+    with sessions() as session:
+        enqueue(session, ls_client.url, [Outgoing(project.id, t, {
+            "result": [brush_result(mask, "Ball", "mask", "image")], "model_version": "r1"}) for t in task_ids])
+        session.commit()
+    report = Outbox(sessions, ls_client).deliver()
+    assert (report.delivered, report.failed, report.pending) == (5, 1, 0)
+    with sessions() as session:
+        failed = session.scalar(select(LabelStudioDelivery).where(LabelStudioDelivery.state == "failed"))
+    assert failed.task_id == deleted and "400" in failed.error
+    stored = _predictions_by_task(ls_client, project.id, "r1")
+    assert sorted(stored) == sorted(set(task_ids) - {deleted}) and all(len(v) == 1 for v in stored.values())

@@ -211,6 +211,107 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ls_client(settings):  # type: ignore[no-untyped-def]
+    from annotator.client import LabelStudioClient
+
+    if not settings.ls_url or not settings.ls_token:
+        raise ValueError("set XDLABEL_LS_URL and XDLABEL_LS_TOKEN (a legacy or personal access token)")
+    return LabelStudioClient(settings.ls_url, settings.ls_token)
+
+
+def _prelabel(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from annotator.prelabel import PrelabelSettings
+    from annotator.project import PrelabelOptions, PrelabelReport, describe, prelabel_project
+    from index.db import upgrade
+    from xdlabel.services import Services
+
+    settings = _settings(args)
+    client = _ls_client(settings)
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    options = PrelabelOptions(
+        batch_size=args.batch_size, task=args.task or settings.ls_task,
+        default_threshold=settings.ls_score_threshold if args.threshold is None else args.threshold,
+        thresholds=settings.ls_thresholds, max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels, deliver_wait=args.wait,
+        prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions))
+    bar = tqdm(unit="task", disable=args.json)
+
+    def progress(report: PrelabelReport) -> None:
+        bar.total = report.tasks - report.skipped
+        bar.n = report.predicted + len(report.failed)
+        bar.refresh()
+
+    report = prelabel_project(services.predictor, client, services.sessions, args.project,
+                              services.model_version_name, options, progress)
+    bar.close()
+    services.close()
+    _emit(describe(report), args.json)
+    return 0 if report.delivery.pending == 0 else 3
+
+
+def _ls_deliver(args: argparse.Namespace) -> int:
+    from annotator.outbox import Outbox
+    from index.db import make_engine, make_session_factory, upgrade
+
+    settings = _settings(args)
+    client = _ls_client(settings)
+    upgrade(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url)
+    report = Outbox(make_session_factory(engine), client, settings.ls_chunk_size).deliver(wait=args.wait)
+    engine.dispose()
+    _emit(vars(report), args.json)
+    return 0 if report.pending == 0 else 3
+
+
+def _ls_connect(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if not settings.ml_backend_password:
+        raise ValueError("set XDLABEL_ML_BACKEND_PASSWORD (the same as the server's) to connect the ML backend")
+    backend = _ls_client(settings).register_ml_backend(args.project, args.url, settings.ml_backend_user,
+                                                       settings.ml_backend_password)
+    _emit({"project": args.project, "ml_backend": backend, "url": args.url}, args.json)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from annotator.export import tasks_from_store, to_coco, to_pngs
+    from annotator.labeling import parse_labeling_config
+    from index.db import make_engine, make_session_factory
+
+    settings = _settings(args)
+    source = "predictions" if args.predictions else "annotations"
+    if args.from_store:
+        engine = make_engine(settings.sqlalchemy_url)
+        with make_session_factory(engine)() as session:
+            tasks = tasks_from_store(session, args.project)
+        engine.dispose()
+        config = None
+    else:
+        client = _ls_client(settings)
+        config = parse_labeling_config(client.project(args.project)["label_config"])
+        tasks = list(client.tasks(args.project))
+    out = Path(args.out)
+    if args.format == "png":
+        written = len(to_pngs(tasks, out, config, source))
+    elif args.format == "coco":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        coco = to_coco(tasks, config, source)
+        out.write_text(json.dumps(coco))
+        written = len(coco["annotations"])
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(tasks))
+        written = len(tasks)
+    _emit({"format": args.format, "source": source, "tasks": len(tasks), "written": written, "out": str(out)},
+          args.json)
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from xdlabel.demo import run_demo
 
@@ -306,6 +407,39 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--checkpoint", help="local .pt/.safetensors path or hf://owner/repo/file")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_model_info)
+
+    prelabel = sub.add_parser("prelabel", help="pre-label a Label Studio project's tasks and push them in bulk")
+    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
+    prelabel.add_argument("--task", choices=["auto", "panoptic", "instance", "semantic"],
+                          help="default: XDLABEL_LS_TASK (auto: panoptic with brushes, else instance)")
+    prelabel.add_argument("--threshold", type=float, help="minimum region score (default: XDLABEL_LS_SCORE_THRESHOLD)")
+    prelabel.add_argument("--batch-size", type=int, default=4)
+    prelabel.add_argument("--no-captions", action="store_true")
+    prelabel.add_argument("--wait", type=float, default=60.0,
+                          help="seconds to keep retrying an unreachable Label Studio at the end (exit 3 if still down)")
+    prelabel.add_argument("--json", action="store_true")
+    prelabel.set_defaults(func=_prelabel)
+
+    export = sub.add_parser("export", help="a Label Studio project's labels as COCO (RLE masks), PNG masks or JSON")
+    export.add_argument("--project", type=int, required=True)
+    export.add_argument("--format", choices=["coco", "png", "json"], default="coco")
+    export.add_argument("--out", required=True, help="a file (coco, json) or a folder (png)")
+    export.add_argument("--predictions", action="store_true", help="export predictions instead of annotations")
+    export.add_argument("--from-store", action="store_true",
+                        help="annotations xdlabel received by webhook, without asking Label Studio")
+    export.add_argument("--json", action="store_true")
+    export.set_defaults(func=_export)
+
+    ls = sub.add_parser("labelstudio", help="Label Studio connection").add_subparsers(dest="ls_command", required=True)
+    connect = ls.add_parser("connect", help="register xdlabel's ML backend (/ml) in a project, with basic auth")
+    connect.add_argument("--project", type=int, required=True)
+    connect.add_argument("--url", required=True, help="the ML backend as Label Studio reaches it: http://host:8000/ml")
+    connect.add_argument("--json", action="store_true")
+    connect.set_defaults(func=_ls_connect)
+    deliver = ls.add_parser("deliver", help="push queued predictions (the outbox) to Label Studio")
+    deliver.add_argument("--wait", type=float, default=0.0, help="seconds to keep retrying while it is down")
+    deliver.add_argument("--json", action="store_true")
+    deliver.set_defaults(func=_ls_deliver)
 
     demo = sub.add_parser("demo", help="run the main job on embedded defaults")
     demo.add_argument("--out", default="xdlabel-data/demo", help="output folder")
