@@ -3,8 +3,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Label Studio runs from its own virtualenv: it pins Django, DRF, redis... (tests, bench, local trials)
+LS_VENV := .venv-labelstudio
+LS := $(LS_VENV)/bin/label-studio
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv labelstudio demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,10 +19,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+$(LS):
+	$(PY) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q label-studio==1.23.2
+
+labelstudio: $(LS)
+
 demo: $(STAMP)
 	$(BIN)/xdlabel demo
 
-test: lint
+test: lint $(LS)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -30,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/model.py
 
 clean:
-	rm -rf $(VENV) xdlabel-data
+	rm -rf $(VENV) $(LS_VENV) xdlabel-data
