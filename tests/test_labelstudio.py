@@ -398,3 +398,52 @@ def test_a_prediction_label_studio_refuses_is_set_aside_and_the_rest_delivered(
     assert failed.task_id == deleted and "400" in failed.error
     stored = _predictions_by_task(ls_client, project.id, "r1")
     assert sorted(stored) == sorted(set(task_ids) - {deleted}) and all(len(v) == 1 for v in stored.values())
+
+
+def test_finetune_from_a_label_studio_project(ls_client: LabelStudioClient, label_studio: LocalLabelStudio,
+                                             tmp_path: Path) -> None:
+    """`xdlabel train --from-labelstudio` (a process) and a START_TRAINING job run by a worker both read
+    the project's annotations and images from Label Studio and report held-out metrics before/after."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_finetune import synthetic_tasks
+    from xdlabel.jobs import submit, work
+
+    size = (64, 48)
+    tasks, pixels = synthetic_tasks(4, seed=5, size=size, names={"circle": "Ball", "square": "box"})
+    folder = label_studio.files_root / "finetune"
+    folder.mkdir()
+    for task_id, image in pixels.items():
+        Image.fromarray(image).save(folder / f"{task_id}.png")
+    project = ls_client.sdk.projects.create(title="finetune", label_config=CONFIG)
+    ls_client.sdk.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
+    ls_client.sdk.projects.import_tasks(id=project.id, request=[
+        {"data": {"image": f"/data/local-files/?d=finetune/{t['id']}.png"},
+         "annotations": [{"result": t["annotations"][0]["result"]}]} for t in tasks])
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_LS_URL": label_studio.url,
+           "XDLABEL_LS_TOKEN": label_studio.token}
+    done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "train", "--from-labelstudio", str(project.id),
+                           "--out", str(tmp_path / "ft"), "--steps", "3", "--width", "64", "--height", "48",
+                           "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["train_scenes"] == 3 and report["heldout_scenes"] == 1 and report["skipped_tasks"] == {}
+    assert {"miou", "pq", "iou/Ball"} <= report["before"].keys() and report["after"].keys() == report["before"].keys()
+    meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
+    assert meta["classes"] == ["Ball", "box", "background"] and len(meta["training_data_sha256"]) == 64
+    assert (report["model_version"] is not None) == report["improved"]
+
+    settings = Settings(data_dir=tmp_path / "worker", ls_url=label_studio.url, ls_token=label_studio.token)
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    with services.sessions() as session:
+        job = submit(session, "finetune", {"ls_project": project.id, "steps": 2, "width": 64, "height": 48})
+    assert work(services, once=True) == 1
+    with services.sessions() as session:
+        finished = session.get(Job, job.id)
+        assert finished.state == "done", finished.error
+        assert finished.done == 4
+    assert (tmp_path / "worker" / "finetune" / f"job-{job.id}" / "model.safetensors").is_file()
+    services.engine.dispose()

@@ -166,10 +166,41 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_from_labelstudio(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from index.db import make_engine, make_session_factory, upgrade
+    from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
+
+    settings = _settings(args)
+    client = _ls_client(settings)
+    upgrade(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url)
+    sessions = make_session_factory(engine)
+    data = labelstudio_data(client, args.from_labelstudio, (args.width, args.height),
+                            sessions if args.from_store else None, settings.max_image_bytes)
+    options = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text)
+    bar = tqdm(total=args.steps, unit="step", disable=args.json)
+    report = finetune(args.config or settings.model, args.init or settings.checkpoint, data.scenes,
+                      data.class_names, data.stuff, Path(args.out), options, data_digest=data.digest,
+                      sessions=sessions, log=lambda step, record: bar.update(1))
+    bar.close()
+    engine.dispose()
+    _emit({**describe(report), "skipped_tasks": data.skipped}, args.json)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tqdm import tqdm
+
+    if args.from_labelstudio is not None:
+        return _finetune_from_labelstudio(args)
+    args.config = args.config or "parity"
 
     from xdecoder import build_model, load_checkpoint
     from xdecoder.training.trainer import TrainConfig, Trainer, synthetic_batches
@@ -360,9 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new jobs")
     worker.set_defaults(func=_worker)
 
-    train = sub.add_parser("train", help="train or fine-tune X-Decoder on synthetic scenes (resumable)")
-    train.add_argument("--config", default="parity")
-    train.add_argument("--init", help="checkpoint to start from (local or hf://)")
+    train = sub.add_parser("train", help="train X-Decoder on synthetic scenes, or fine-tune it on a Label Studio "
+                                         "project's annotations (resumable)")
+    train.add_argument("--config", help="model config (default: parity; with --from-labelstudio: XDLABEL_MODEL)")
+    train.add_argument("--init", help="checkpoint to start from (local or hf://; with --from-labelstudio: "
+                                      "default XDLABEL_CHECKPOINT)")
+    train.add_argument("--from-labelstudio", type=int, metavar="PROJECT",
+                       help="fine-tune on this project's annotations; held-out metrics before/after; the result "
+                            "is registered as a model version only if it is better")
+    train.add_argument("--from-store", action="store_true",
+                       help="with --from-labelstudio: the annotations xdlabel received by webhook")
     train.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
     train.add_argument("--steps", type=int, default=1000)
     train.add_argument("--batch-size", type=int, default=4)

@@ -76,35 +76,68 @@ def cancel(session: Session, job_id: int) -> Job | None:
     return job
 
 
-def run(services: Services, job: Job) -> str:
-    """Run a claimed job to its end; returns the final state."""
+def run_finetune(services: Services, job: Job) -> str:
+    """START_TRAINING from Label Studio: fine-tune the serving checkpoint on the project's
+    annotations received by webhook (or read live when none were) under <data_dir>/finetune/job-<id>."""
+    from pathlib import Path
+
+    from annotator.client import LabelStudioClient
+    from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
+
+    settings, params = services.settings, job.params
+    if not settings.ls_url or not settings.ls_token:
+        raise ValueError("fine-tuning reads images from Label Studio: set XDLABEL_LS_URL and XDLABEL_LS_TOKEN")
+    client = LabelStudioClient(settings.ls_url, settings.ls_token)
+    project = int(params["ls_project"])
+    size = (int(params.get("width", 160)), int(params.get("height", 128)))
+    data = labelstudio_data(client, project, size, services.sessions, settings.max_image_bytes)
+    if len(data.scenes) < 2:
+        data = labelstudio_data(client, project, size, None, settings.max_image_bytes)
+    options = FinetuneOptions(steps=int(params.get("steps", 200)), batch_size=int(params.get("batch_size", 4)))
+    out = Path(settings.data_dir) / "finetune" / f"job-{job.id}"
+    report = finetune(settings.model, settings.checkpoint, data.scenes, data.class_names, data.stuff, out, options,
+                      data_digest=data.digest, sessions=services.sessions)
+    log.info("fine-tuning job %s: %s", job.id, describe(report))
+    with services.sessions() as session:
+        session.execute(update(Job).where(Job.id == job.id).values(
+            total=len(data.scenes), done=len(data.scenes), failed=len(data.skipped),
+            errors=[{"uri": f"task {t}", "reason": r} for t, r in list(data.skipped.items())[:MAX_ERRORS]]))
+        session.commit()
+    return "done"
+
+
+def run_ingest(services: Services, job: Job) -> str:
     from xdlabel.ingest import IngestPipeline, IngestReport
     from xdlabel.sources import items_from
 
     params = job.params
-    state = "done"
-    try:
-        items = items_from(list(params["sources"]), glob=params.get("glob", "**/*"))
+    items = items_from(list(params["sources"]), glob=params.get("glob", "**/*"))
+    with services.sessions() as session:
+        session.execute(update(Job).where(Job.id == job.id).values(total=len(items), done=0, failed=0))
+        session.commit()
+
+    def progress(report: IngestReport) -> None:
+        errors = [{"uri": u, "reason": r} for u, r in list(report.failed.items())[-MAX_ERRORS:]]
         with services.sessions() as session:
-            session.execute(update(Job).where(Job.id == job.id).values(total=len(items), done=0, failed=0))
+            session.execute(update(Job).where(Job.id == job.id).values(
+                done=len(report.added) + len(report.duplicates), failed=len(report.failed), errors=errors,
+                heartbeat_at=now()))
             session.commit()
 
-        def progress(report: IngestReport) -> None:
-            errors = [{"uri": u, "reason": r} for u, r in list(report.failed.items())[-MAX_ERRORS:]]
-            with services.sessions() as session:
-                session.execute(update(Job).where(Job.id == job.id).values(
-                    done=len(report.added) + len(report.duplicates), failed=len(report.failed), errors=errors,
-                    heartbeat_at=now()))
-                session.commit()
+    def should_stop() -> bool:
+        with services.sessions() as session:
+            return session.scalar(select(Job.state).where(Job.id == job.id)) == "cancelling"
 
-        def should_stop() -> bool:
-            with services.sessions() as session:
-                return session.scalar(select(Job.state).where(Job.id == job.id)) == "cancelling"
+    report = IngestPipeline(services, params["dataset"], batch_size=int(params.get("batch_size", 4)),
+                            tags=params.get("tags", []), progress=progress, should_stop=should_stop).run(items)
+    progress(report)
+    return "cancelled" if report.cancelled else "done"
 
-        report = IngestPipeline(services, params["dataset"], batch_size=int(params.get("batch_size", 4)),
-                                tags=params.get("tags", []), progress=progress, should_stop=should_stop).run(items)
-        progress(report)
-        state = "cancelled" if report.cancelled else "done"
+
+def run(services: Services, job: Job) -> str:
+    """Run a claimed job to its end; returns the final state."""
+    try:
+        state = (run_finetune if job.kind == "finetune" else run_ingest)(services, job)
         error = None
     except Exception as err:  # noqa: BLE001 - recorded on the job; the worker carries on
         log.exception("job %s failed", job.id)

@@ -68,8 +68,10 @@ def panoptic_quality(pred_map: np.ndarray, pred_classes: dict[int, int], scene: 
             stats.setdefault(cls, [0.0, 0, 0, 0])[2] += 1
 
 
-def evaluate(predictor: Predictor, scenes: Sequence[Scene]) -> dict[str, float]:
-    names = list(CLASSES)
+def evaluate(predictor: Predictor, scenes: Sequence[Scene], class_names: Sequence[str] = CLASSES,
+             stuff: Sequence[str] = STUFF) -> dict[str, float]:
+    """Held-out metrics; ``iou/<class>`` per class present. Segment category ids index ``class_names``."""
+    names = list(class_names)
     inter = np.zeros(len(names))
     union = np.zeros(len(names))
     pq_stats: dict[int, list[float]] = {}
@@ -86,7 +88,7 @@ def evaluate(predictor: Predictor, scenes: Sequence[Scene]) -> dict[str, float]:
             p, g = label_map == c, gt_labels == c
             inter[c] += np.logical_and(p, g).sum()
             union[c] += np.logical_or(p, g).sum()
-        panoptic = predictor.panoptic(features, names, stuff=STUFF)[0]
+        panoptic = predictor.panoptic(features, names, stuff=stuff)[0]
         panoptic_quality(panoptic.segment_map, {s.id: s.category_id for s in panoptic.segments}, scene, pq_stats)
         if scene.phrases:
             ids = list(scene.phrases)
@@ -106,4 +108,5 @@ def evaluate(predictor: Predictor, scenes: Sequence[Scene]) -> dict[str, float]:
         "r_at_1": float(np.mean(ranks == np.arange(len(scenes)))),
         "caption_exact": float(np.mean([c == r for c, r in zip(captions, references, strict=True)])),
         "bleu4": bleu4(captions, references),
+        **{f"iou/{names[c]}": float(inter[c] / union[c]) for c in np.flatnonzero(present)},
     }
