@@ -132,7 +132,10 @@ class LabelStudioClient:
             response = self.call(httpx.get, url, timeout=self.timeout, follow_redirects=True)
         else:
             response = self.call(self._get, url)
-        response.raise_for_status()
+        if response.status_code >= 500 and self.is_own_url(url):
+            raise LabelStudioUnavailable(f"{url}: the server answered {response.status_code}")
+        if response.status_code != 200:
+            raise LabelStudioError(response.status_code, f"cannot read {url}")
         if len(response.content) > max_bytes:
             raise ValueError(f"{url}: {len(response.content)} bytes is over the limit of {max_bytes}")
         return response.content

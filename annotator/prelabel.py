@@ -87,11 +87,13 @@ def region_results(region: Region, targets: Sequence[Target], settings: Prelabel
 
 
 def predictions(predictor: Predictor, features: Features, config: LabelingConfig, model_version: str,
-                settings: PrelabelSettings = PrelabelSettings()) -> list[Prediction]:
-    """One Label Studio prediction per encoded image, in order."""
+                settings: PrelabelSettings = PrelabelSettings(), captions: Sequence[str] | None = None
+                ) -> list[Prediction]:
+    """One Label Studio prediction per encoded image, in order (``captions``: already computed)."""
     per_image: list[list[Region]] = regions(predictor, features, config) if config.targets \
         else [[] for _ in features]
-    captions = predictor.caption(features) if config.caption and settings.captions else None
+    if captions is None and config.caption and settings.captions:
+        captions = predictor.caption(features)
     uncertainty = predictor.uncertainty(features, config.class_names) if config.class_names \
         else np.zeros(len(features), dtype=np.float32)
     out = []
@@ -101,7 +103,7 @@ def predictions(predictor: Predictor, features: Features, config: LabelingConfig
             if region.score < config.thresholds.get(region.label, 0.0) or region.mask.sum() < settings.min_area:
                 continue
             result += region_results(region, config.targets_for(region.label), settings)
-        if captions is not None and config.caption:
+        if captions is not None and config.caption and settings.captions:
             result.append(caption_result(captions[k], config.caption, config.image))
         out.append({"result": _with_ids(result), "score": round(1.0 - float(uncertainty[k]), 4),
                     "model_version": model_version})

@@ -79,7 +79,8 @@ def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) ->
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     stuff = [c for c in data.class_names if c in STUFF]
-    report = finetune("parity", os.environ.get("XDLABEL_TEST_FINETUNE_INIT", str(DEFAULT_CHECKPOINT)), data.scenes, data.class_names, stuff, tmp_path / "ft",
+    init = os.environ.get("XDLABEL_TEST_FINETUNE_INIT", str(DEFAULT_CHECKPOINT))
+    report = finetune("parity", init, data.scenes, data.class_names, stuff, tmp_path / "ft",
                       FinetuneOptions(steps=40, lr=1e-4, freeze_backbone=True), data_digest=data.digest,
                       sessions=sessions)
     print(f"\nnew class 'wedge' IoU before {report.before['iou/wedge']:.3f} after {report.after['iou/wedge']:.3f}; "

@@ -447,3 +447,40 @@ def test_finetune_from_a_label_studio_project(ls_client: LabelStudioClient, labe
         assert finished.done == 4
     assert (tmp_path / "worker" / "finetune" / f"job-{job.id}" / "model.safetensors").is_file()
     services.engine.dispose()
+
+
+def test_ingest_a_label_studio_project_and_push_its_prelabels(ls_client: LabelStudioClient,
+                                                              label_studio: LocalLabelStudio, tmp_path: Path) -> None:
+    """`xdlabel ingest labelstudio://P`: one model pass per image gives the index entries and the
+    project's pre-labels, which go back to the same tasks through the outbox."""
+    import os
+    import subprocess
+    import sys
+
+    images = make_images(tmp_path / "photos", 3)
+    project_id, task_ids = _project(ls_client, label_studio, images, "ingest")
+    missing = ls_client.sdk.projects.import_tasks(id=project_id, return_task_ids=True, request=[
+        {"data": {"image": "/data/local-files/?d=ingest/missing.png"}}]).task_ids[0]
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_LS_URL": label_studio.url,
+           "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_SHORT_SIDE": "128", "XDLABEL_LS_TASK": "semantic",
+           "XDLABEL_LS_SCORE_THRESHOLD": "0"}
+    done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "ingest", f"labelstudio://{project_id}",
+                           "--dataset", "from-ls", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["added"] == 3
+    assert list(summary["failed"]) == [f"labelstudio://{project_id}/{missing}"]
+    assert summary["labelstudio"] == {"delivered": 3, "pending": 0, "failed": 0, "error": None}
+    settings = Settings(data_dir=tmp_path / "data")
+    services = Services(settings)
+    version = services.model_version_name
+    stored = _predictions_by_task(ls_client, project_id, version)
+    assert all(len(stored[t]) == 1 for t in task_ids) and stored[missing] == []
+    with services.sessions() as session:
+        rows = list(session.scalars(select(LabelStudioDelivery)))
+        assert sorted(r.task_id for r in rows) == sorted(task_ids) and all(r.image_id for r in rows)
+        from index.models import Image as ImageRow
+
+        metas = [i.meta for i in session.scalars(select(ImageRow).where(ImageRow.status == "done"))]
+        assert sorted(m["ls_task"] for m in metas) == sorted(task_ids)
+    services.engine.dispose()

@@ -113,14 +113,18 @@ def _ingest(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from index.db import upgrade
-    from xdlabel.ingest import IngestPipeline, IngestReport
+    from xdlabel.ingest import IngestPipeline, IngestReport, LabelStudioPush
     from xdlabel.services import Services
     from xdlabel.sources import items_from
 
-    items = items_from(args.paths, glob=args.glob, image_root=Path(args.image_root) if args.image_root else None)
     settings = _settings(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
+    push = LabelStudioPush.from_settings(settings, services.model_version_name)
+    items = items_from(args.paths, glob=args.glob, image_root=Path(args.image_root) if args.image_root else None,
+                       labelstudio=push.client if push else None)
+    if args.engine == "ray" and any("ls_task" in item.meta for item in items):
+        raise ValueError("Label Studio sources run on the local engine (--engine local)")
     bar = tqdm(total=len(items), unit="img", disable=args.json or not sys.stderr.isatty() and not args.progress)
 
     def progress(report: IngestReport) -> None:
@@ -135,15 +139,22 @@ def _ingest(args: argparse.Namespace) -> int:
                             actors=args.actors, address=args.ray_address, progress=progress)
     else:
         report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
-                                progress=progress).run(items)
+                                progress=progress, push=push).run(items)
     bar.close()
     services.close()
-    summary = {"added": len(report.added), "duplicates": len(report.duplicates), "failed": report.failed}
+    summary: dict[str, object] = {"added": len(report.added), "duplicates": len(report.duplicates),
+                                  "failed": report.failed}
+    if report.delivery is not None:
+        summary["labelstudio"] = {"delivered": report.delivery.delivered, "pending": report.delivery.pending,
+                                  "failed": report.delivery.failed, "error": report.delivery.error}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"{len(report.added)} images added, {len(report.duplicates)} duplicates skipped, "
               f"{len(report.failed)} failed")
+        if report.delivery is not None:
+            print(f"Label Studio: {report.delivery.delivered} pre-labels delivered, {report.delivery.pending} "
+                  f"queued{f' ({report.delivery.error})' if report.delivery.error else ''}")
         for uri, reason in report.failed.items():
             print(f"  failed: {uri}: {reason}")
     return 1 if report.failed and not report.added else 0
@@ -372,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_apikey_create)
 
     ingest = sub.add_parser("ingest", help="add images to a dataset (one model pass each); resumable")
-    ingest.add_argument("paths", nargs="+", help="folders, image files, .txt/.csv lists, COCO .json, http(s) URLs")
+    ingest.add_argument("paths", nargs="+", help="folders, image files, .txt/.csv lists, COCO .json, http(s) URLs, "
+                                                 "labelstudio://PROJECT (its pre-labels are pushed back)")
     ingest.add_argument("--glob", default="**/*", help="pattern inside folders (default: recursive)")
     ingest.add_argument("--image-root", help="folder of a COCO file's images (default: beside it)")
     ingest.add_argument("--progress", action="store_true", help="show the progress bar even without a terminal")

@@ -107,11 +107,13 @@ def run_finetune(services: Services, job: Job) -> str:
 
 
 def run_ingest(services: Services, job: Job) -> str:
-    from xdlabel.ingest import IngestPipeline, IngestReport
+    from xdlabel.ingest import IngestPipeline, IngestReport, LabelStudioPush
     from xdlabel.sources import items_from
 
     params = job.params
-    items = items_from(list(params["sources"]), glob=params.get("glob", "**/*"))
+    push = LabelStudioPush.from_settings(services.settings, services.model_version_name)
+    items = items_from(list(params["sources"]), glob=params.get("glob", "**/*"),
+                       labelstudio=push.client if push else None)
     with services.sessions() as session:
         session.execute(update(Job).where(Job.id == job.id).values(total=len(items), done=0, failed=0))
         session.commit()
@@ -129,7 +131,8 @@ def run_ingest(services: Services, job: Job) -> str:
             return session.scalar(select(Job.state).where(Job.id == job.id)) == "cancelling"
 
     report = IngestPipeline(services, params["dataset"], batch_size=int(params.get("batch_size", 4)),
-                            tags=params.get("tags", []), progress=progress, should_stop=should_stop).run(items)
+                            tags=params.get("tags", []), progress=progress, should_stop=should_stop,
+                            push=push).run(items)
     progress(report)
     return "cancelled" if report.cancelled else "done"
 

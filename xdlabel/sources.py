@@ -1,4 +1,5 @@
-"""Where images come from: folders, lists of paths or URLs, COCO files. And fetching them safely.
+"""Where images come from: folders, lists of paths or URLs, COCO files, Label Studio projects.
+And fetching them safely.
 
 Each source yields ``Item``s (a URI plus metadata); ``fetch`` turns a URI into bytes with a
 timeout and a size cap, and refuses URLs that resolve to private, loopback or link-local
@@ -15,9 +16,13 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urljoin, urlparse
 
+if TYPE_CHECKING:
+    from annotator.client import LabelStudioClient
+
+LABELSTUDIO_PREFIX = "labelstudio://"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -76,6 +81,22 @@ def coco_items(path: Path, image_root: Path | None = None) -> Iterator[Item]:
         yield Item(_as_uri(source, root), {"coco_id": image.get("id"), "file_name": image["file_name"]})
 
 
+def labelstudio_items(client: LabelStudioClient, project_id: int) -> Iterator[Item]:
+    """A project's tasks: ``labelstudio://<project>/<task>``, the image URL in ``meta["ls_image"]``
+    (read through Label Studio, with its auth)."""
+    from annotator.labeling import parse_labeling_config
+    from annotator.project import task_image_url
+
+    config = parse_labeling_config(client.project(project_id)["label_config"])
+    for task in client.tasks(project_id):
+        try:
+            url = task_image_url(task, config)
+        except ValueError:
+            url = ""  # decoding reports the task as failed
+        yield Item(f"{LABELSTUDIO_PREFIX}{project_id}/{task['id']}",
+                   {"ls_project": project_id, "ls_task": task["id"], "ls_image": url})
+
+
 def _check_host(host: str, allow_private: bool) -> None:
     try:
         infos = socket.getaddrinfo(host, None)
@@ -122,12 +143,21 @@ def fetch(uri: str, *, max_bytes: int, timeout: float = 20.0, allow_private: boo
     raise FetchError(f"too many redirects for {uri}")
 
 
-def items_from(specs: list[str], *, glob: str = "**/*", image_root: Path | None = None) -> list[Item]:
-    """Items from what a user names: folders, image files, .txt/.csv lists, COCO .json, http(s) URLs."""
+def items_from(specs: list[str], *, glob: str = "**/*", image_root: Path | None = None,
+               labelstudio: LabelStudioClient | None = None) -> list[Item]:
+    """Items from what a user names: folders, image files, .txt/.csv lists, COCO .json, http(s) URLs,
+    ``labelstudio://<project id>``."""
     items: list[Item] = []
     for given in specs:
         path = Path(given)
-        if given.startswith(("http://", "https://")):
+        if given.startswith(LABELSTUDIO_PREFIX):
+            if labelstudio is None:
+                raise ValueError(f"{given}: set XDLABEL_LS_URL and XDLABEL_LS_TOKEN to read Label Studio projects")
+            project = given[len(LABELSTUDIO_PREFIX):].strip("/")
+            if not project.isdigit():
+                raise ValueError(f"{given}: expected {LABELSTUDIO_PREFIX}<project id>")
+            items += labelstudio_items(labelstudio, int(project))
+        elif given.startswith(("http://", "https://")):
             items.append(Item(given))
         elif path.is_dir():
             items += folder_items(path, glob)
