@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 LS_VENV := .venv-labelstudio
 LS := $(LS_VENV)/bin/label-studio
 
-.PHONY: venv labelstudio demo test lint bench clean
+.PHONY: venv labelstudio demo test lint bench train-demo clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -35,8 +35,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# The bundled model: ~30 min on a 2-core CPU, seeded; writes xdlabel/models/shapes.{safetensors,json}.
+# Rerunning it resumes the run in runs/bundled.
+train-demo: $(STAMP)
+	$(BIN)/xdlabel train --config parity --out runs/bundled --steps 4800 --batch-size 4 --lr 3e-4 \
+		--width 96 --height 64 --checkpoint-every 200
+	$(BIN)/xdlabel model bundle runs/bundled --width 96 --height 64
+
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) xdlabel-data
+	rm -rf $(VENV) $(LS_VENV) xdlabel-data runs

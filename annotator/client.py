@@ -74,6 +74,15 @@ class LabelStudioClient:
                 return
             page += 1
 
+    def create_project(self, title: str, label_config: str) -> int:
+        return int(self.call(self.sdk.projects.create, title=title, label_config=label_config).id)
+
+    def import_tasks(self, project_id: int, tasks: Sequence[dict[str, Any]]) -> list[int]:
+        """Tasks, with their ``predictions`` or ``annotations`` inline; returns the new task ids."""
+        response = self.call(self.sdk.projects.import_tasks, id=project_id, request=list(tasks),
+                             return_task_ids=True)
+        return [int(t) for t in response.task_ids or []]
+
     def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> int:
         """Bulk import: one request for all of ``predictions`` (each with ``task``)."""
         response = self.call(self.sdk.projects.import_predictions, id=project_id, request=list(predictions))

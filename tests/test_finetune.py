@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from index.db import make_engine, make_session_factory, upgrade
 from index.models import ModelVersion
 from xdecoder.training.synthetic import CLASSES, STUFF, make_scenes
 from xdlabel.finetune import FinetuneOptions, finetune, split
-from xdlabel.settings import DEFAULT_CHECKPOINT
+from xdlabel.settings import BUNDLED_CHECKPOINT
 
 
 def synthetic_tasks(count: int, seed: int, size: tuple[int, int], names: dict[str, str]) -> tuple[list, dict]:
@@ -79,7 +78,7 @@ def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) ->
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     stuff = [c for c in data.class_names if c in STUFF]
-    init = os.environ.get("XDLABEL_TEST_FINETUNE_INIT", str(DEFAULT_CHECKPOINT))
+    init = str(BUNDLED_CHECKPOINT)
     report = finetune("parity", init, data.scenes, data.class_names, stuff, tmp_path / "ft",
                       FinetuneOptions(steps=40, lr=1e-4, freeze_backbone=True), data_digest=data.digest,
                       sessions=sessions)

@@ -484,3 +484,33 @@ def test_ingest_a_label_studio_project_and_push_its_prelabels(ls_client: LabelSt
         metas = [i.meta for i in session.scalars(select(ImageRow).where(ImageRow.status == "done"))]
         assert sorted(m["ls_task"] for m in metas) == sorted(task_ids)
     services.engine.dispose()
+
+
+def test_the_main_job_writes_a_label_studio_import_and_pushes_it(ls_client: LabelStudioClient,
+                                                                 label_studio: LocalLabelStudio,
+                                                                 tmp_path: Path) -> None:
+    """`xdlabel demo` (the README's first command) as a process, with a Label Studio configured."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XDLABEL_LS_URL": label_studio.url, "XDLABEL_LS_TOKEN": label_studio.token}
+    done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "demo", "--out", str(tmp_path / "demo")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "demo"
+    searches = json.loads((out / "search_results.json").read_text())
+    assert all(len(hits) == 3 for hits in searches.values())
+    assert len(list((out / "overlays").glob("*.png"))) == 12
+    tasks = json.loads((out / "labelstudio" / "tasks.json").read_text())
+    config = parse_labeling_config((out / "labelstudio" / "labeling-config.xml").read_text())
+    assert len(tasks) == 12 and config.caption == "caption"
+    for task in tasks:
+        image = Image.open(out / task["data"]["image"].split("?d=")[1])
+        for result in task["predictions"][0]["result"]:
+            if result["type"] == "brushlabels":
+                assert result_to_mask(result).shape == (image.height, image.width)
+                assert result["value"]["brushlabels"][0] in config.prompts.values()
+    project_id = int(done.stdout.split("/projects/")[1].split()[0])
+    stored = list(ls_client.tasks(project_id))
+    assert [t["predictions"][0]["result"] for t in stored] == [t["predictions"][0]["result"] for t in tasks]

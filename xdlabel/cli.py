@@ -25,6 +25,43 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_bundle(args: argparse.Namespace) -> int:
+    """Evaluate a training run on held-out scenes and install it as the bundled model."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    import xdecoder.training.synthetic as synthetic
+    from xdecoder import Predictor, build_model, load_checkpoint
+    from xdecoder.checkpoint import file_sha256
+    from xdecoder.predictor import PredictorSettings
+    from xdecoder.training.evaluate import evaluate
+    from xdlabel.settings import BUNDLED_CHECKPOINT
+
+    run = Path(args.run)
+    meta = json.loads((run / "meta.json").read_text())
+    if meta["step"] < meta["train"]["steps"]:
+        raise ValueError(f"{run} stopped at step {meta['step']} of {meta['train']['steps']}: finish the run first")
+    model = build_model(meta["config"])
+    load_checkpoint(model, run / "model.safetensors")
+    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=args.height))
+    size = (args.width, args.height)
+    metrics = evaluate(predictor, synthetic.make_scenes(args.scenes, seed=args.seed, size=size))
+    BUNDLED_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "model.safetensors", BUNDLED_CHECKPOINT)
+    info = {
+        "config": meta["config"], "classes": meta["classes"], "stuff": list(synthetic.STUFF),
+        "short_side": args.height, "train_size": list(size), "training": meta["train"],
+        "training_data": {"generator": "xdecoder.training.synthetic", "seed": meta["train"]["seed"],
+                          "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()},
+        "heldout": {"seed": args.seed, "scenes": args.scenes, "metrics": metrics},
+        "sha256": file_sha256(BUNDLED_CHECKPOINT),
+    }
+    BUNDLED_CHECKPOINT.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    _emit({"bundled": str(BUNDLED_CHECKPOINT), **{k: v for k, v in metrics.items() if "/" not in k}}, args.json)
+    return 0
+
+
 def _emit(values: dict[str, object], as_json: bool) -> None:
     """A result as JSON for scripts, or aligned key: value lines for people."""
     if as_json:
@@ -490,6 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_argument("--wait", type=float, default=0.0, help="seconds to keep retrying while it is down")
     deliver.add_argument("--json", action="store_true")
     deliver.set_defaults(func=_ls_deliver)
+
+    bundle = model_sub.add_parser("bundle", help="evaluate a finished training run on held-out synthetic scenes "
+                                                 "and install it as the bundled model (make train-demo)")
+    bundle.add_argument("run", help="the training run's folder (xdlabel train --out)")
+    bundle.add_argument("--width", type=int, default=96)
+    bundle.add_argument("--height", type=int, default=64)
+    bundle.add_argument("--scenes", type=int, default=100)
+    bundle.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
+    bundle.add_argument("--json", action="store_true")
+    bundle.set_defaults(func=_model_bundle)
 
     demo = sub.add_parser("demo", help="run the main job on embedded defaults")
     demo.add_argument("--out", default="xdlabel-data/demo", help="output folder")

@@ -1,12 +1,10 @@
-"""``xdlabel demo``: the main job on embedded defaults, as far as it exists today.
+"""``xdlabel demo``: the main job on embedded defaults.
 
-Builds a small corpus (the two sample images plus seeded synthetic shape scenes), ingests it into
-SQLite + FAISS under the output folder (one model pass per image), runs text searches and prints
-the hits with scores, and writes PNG overlays of the panoptic pre-labels.
-
-Not yet: the bundled trained model (issue 5; until then the reduced X-Decoder with the official
-code's untrained parity weights runs, so the pipeline is real and its outputs are not meaningful),
-the Label Studio import file (issue 4) and ingestion jobs (issue 6).
+Builds a small corpus of held-out synthetic shape scenes (seeds the bundled model never trained
+on), ingests it into SQLite + FAISS under the output folder (one model pass per image), runs text
+searches and prints the hits with scores, writes PNG overlays of the panoptic pre-labels, and
+writes a Label Studio import file (a labeling config and tasks with predictions) — or, when
+XDLABEL_LS_URL and XDLABEL_LS_TOKEN are set, creates a project on that server and imports them.
 """
 
 from __future__ import annotations
@@ -16,62 +14,66 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from xdlabel.settings import DEFAULT_CHECKPOINT, Settings
+from xdecoder.training.synthetic import CLASSES, STUFF, make_scenes
+from xdlabel.settings import BUNDLED_CHECKPOINT, Settings
 
-SAMPLES = DEFAULT_CHECKPOINT.parent
-CLASSES = ["person", "dog", "car", "sky", "grass", "circle", "square"]
-STUFF = ["sky", "grass"]
-QUERIES = ["a red circle on green grass", "a blue square", "a car on a street"]
+SEED = 90_210  # held out: training scenes come from other seeds
+QUERIES = ["a red circle", "two blue squares", "a yellow triangle on sand", "a green square on water"]
+LABELING_CONFIG = """<View>
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="mask" toName="image">
+{labels}
+  </BrushLabels>
+  <TextArea name="caption" toName="image" editable="true"/>
+</View>
+"""
 
 
-def synthetic_scenes(folder: Path, n: int, seed: int = 0) -> list[Path]:
-    """Seeded scenes of coloured circles and squares on a sky/grass background."""
-    rng = np.random.default_rng(seed)
-    colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+def write_corpus(folder: Path, n: int, size: tuple[int, int] = (192, 128)) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(n):
-        image = Image.new("RGB", (320, 240), (135, 190, 235))
-        draw = ImageDraw.Draw(image)
-        draw.rectangle([0, 150, 320, 240], fill=(70, 150, 60))
-        for _ in range(int(rng.integers(1, 4))):
-            name = list(colors)[int(rng.integers(len(colors)))]
-            x, y, r = int(rng.integers(20, 280)), int(rng.integers(20, 200)), int(rng.integers(12, 40))
-            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-            shape([x - r, y - r, x + r, y + r], fill=colors[name])
+    for i, scene in enumerate(make_scenes(n, seed=SEED, size=size)):
         paths.append(folder / f"scene_{i:02d}.png")
-        image.save(paths[-1])
+        Image.fromarray(scene.image).save(paths[-1])
     return paths
 
 
-def _overlay(image: Image.Image, segment_map: np.ndarray) -> Image.Image:
+def _overlay(image: Image.Image, segment_map: np.ndarray, scale: int = 3) -> Image.Image:
     rng = np.random.default_rng(0)
     colors = rng.integers(0, 255, size=(int(segment_map.max()) + 1, 3), dtype=np.uint8)
     colors[0] = 0
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     painted = np.where(segment_map[..., None] > 0, 0.45 * rgb + 0.55 * colors[segment_map], rgb)
-    return Image.fromarray(painted.astype(np.uint8))
+    out = Image.fromarray(painted.astype(np.uint8))
+    return out.resize((out.width * scale, out.height * scale), Image.Resampling.NEAREST)
+
+
+def labeling_config() -> str:
+    labels = [f'    <Label value="{c}" stuff="true"/>' if c in STUFF else f'    <Label value="{c}"/>' for c in CLASSES]
+    return LABELING_CONFIG.format(labels="\n".join(labels))
 
 
 def run_demo(out_dir: str) -> int:
+    from annotator.labeling import parse_labeling_config
+    from annotator.prelabel import predictions
     from index.db import upgrade
     from xdlabel.ingest import ingest_files
     from xdlabel.search import search_text
     from xdlabel.services import Services
+    from xdlabel.settings import load_settings
 
-    if not DEFAULT_CHECKPOINT.is_file():
-        print(f"error: demo weights not found at {DEFAULT_CHECKPOINT} (run from a checkout of the repository)")
+    if not BUNDLED_CHECKPOINT.is_file():
+        print(f"error: the bundled model is missing at {BUNDLED_CHECKPOINT} (make train-demo rebuilds it)")
         return 2
-    print("NOTE: the bundled trained model does not exist yet (issue 5). This demo runs the reduced")
-    print("      X-Decoder with the official code's parity weights (random, untrained): everything below")
-    print("      is the real pipeline, but masks, captions and rankings are not meaningful.")
     out = Path(out_dir)
-    settings = Settings(data_dir=out / "data", short_side=256)
+    env = load_settings()
+    settings = Settings(data_dir=out / "data")
     upgrade(settings.sqlalchemy_url)
-    corpus = sorted(SAMPLES.glob("image*.png")) + synthetic_scenes(out / "corpus", 10)
+    corpus = write_corpus(out / "corpus", 12)
     services = Services(settings)
+    print(f"model: {services.model_version_name} (bundled, trained on synthetic shape scenes)")
     start = time.perf_counter()
     report = ingest_files(services, "demo", corpus, tags=["demo"])
     elapsed = time.perf_counter() - start
@@ -83,15 +85,34 @@ def run_demo(out_dir: str) -> int:
         results[query] = [{"score": h["score"], "uri": h["uri"], "caption": h["caption"]} for h in hits]
         print(f"search {query!r}:")
         for h in hits:
-            print(f"  {h['score']:+.4f}  {Path(h['uri']).name:<22} caption: {h['caption']!r}")
+            print(f"  {h['score']:+.4f}  {Path(h['uri']).name:<14} caption: {h['caption']!r}")
+    (out / "search_results.json").write_text(json.dumps(results, indent=2))
+
+    # Pre-labels: panoptic overlays, and Label Studio tasks with the same masks as predictions.
     predictor = services.predictor
+    features = predictor.encode([Image.open(p) for p in corpus])
     overlays = out / "overlays"
     overlays.mkdir(parents=True, exist_ok=True)
-    for path in corpus[:4]:
-        image = Image.open(path)
-        panoptic = predictor.panoptic(predictor.encode(image), CLASSES, stuff=STUFF)[0]
-        _overlay(image, panoptic.segment_map).save(overlays / f"{path.stem}_panoptic.png")
-    (out / "search_results.json").write_text(json.dumps(results, indent=2))
+    for path, panoptic in zip(corpus, predictor.panoptic(features, CLASSES, stuff=STUFF), strict=True):
+        _overlay(Image.open(path), panoptic.segment_map).save(overlays / f"{path.stem}_panoptic.png")
+    xml = labeling_config()
+    made = predictions(predictor, features, parse_labeling_config(xml), services.model_version_name)
+    tasks = [{"data": {"image": f"/data/local-files/?d={p.relative_to(out).as_posix()}"}, "predictions": [pred]}
+             for p, pred in zip(corpus, made, strict=True)]
+    ls_dir = out / "labelstudio"
+    ls_dir.mkdir(parents=True, exist_ok=True)
+    (ls_dir / "labeling-config.xml").write_text(xml)
+    (ls_dir / "tasks.json").write_text(json.dumps(tasks))
+    print(f"Label Studio import: {ls_dir.resolve()}/labeling-config.xml and tasks.json "
+          f"({sum(len(p['result']) for p in made)} regions and captions as predictions); start Label Studio with "
+          f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={out.resolve()} to see the images")
+    if env.ls_url and env.ls_token:
+        from annotator.client import LabelStudioClient
+
+        client = LabelStudioClient(env.ls_url, env.ls_token)
+        project_id = client.create_project(f"xdlabel demo {time.strftime('%Y-%m-%d %H:%M')}", xml)
+        client.import_tasks(project_id, tasks)
+        print(f"pushed {len(tasks)} tasks with predictions to {env.ls_url}/projects/{project_id}")
     services.close()
     print(f"outputs: {overlays.resolve()} (panoptic overlays), {(out / 'search_results.json').resolve()}, "
           f"database and indexes under {settings.data_dir.resolve()}")

@@ -31,7 +31,7 @@ class InferActor:
         model = build_model(self.settings.model)
         load_checkpoint(model, self.settings.checkpoint)
         self.predictor = Predictor(model, device=self.settings.device,
-                                   settings=PredictorSettings(short_side=self.settings.short_side))
+                                   settings=PredictorSettings(short_side=self.settings.image_short_side))
         self.known = known
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

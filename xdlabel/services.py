@@ -52,7 +52,7 @@ class Services:
             model = build_model(self.settings.model)
             self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
             predictor = Predictor(model, device=self.settings.device,
-                                  settings=PredictorSettings(short_side=self.settings.short_side))
+                                  settings=PredictorSettings(short_side=self.settings.image_short_side))
             self.__dict__["predictor"] = predictor  # published before the lock is released
             return predictor
 

@@ -1,19 +1,26 @@
 """Settings from XDLABEL_* environment variables or a .env-style config file (pydantic-settings).
 
-Defaults are the embedded ones: SQLite and the indexes under ./xdlabel-data, FAISS on CPU.
+Defaults are the embedded ones: SQLite and the indexes under ./xdlabel-data, FAISS on CPU, the
+bundled model.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
-# Until the bundled trained model exists (issue 5) the default is the reduced X-Decoder with the
-# official code's parity weights: real code paths, untrained weights.
-DEFAULT_CHECKPOINT = REPO / "tests" / "fixtures" / "parity" / "reduced_weights.safetensors"
+# The bundled model: the reduced ("parity"-size) X-Decoder trained by `make train-demo` on the synthetic
+# shape scenes; its JSON beside it says on what, at which image size, and with which held-out metrics.
+BUNDLED_CHECKPOINT = Path(__file__).resolve().parent / "models" / "shapes.safetensors"
+
+
+def bundled_meta() -> dict[str, Any]:
+    return json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())  # type: ignore[no-any-return]
 
 
 class Settings(BaseSettings):
@@ -22,9 +29,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("xdlabel-data")
     database_url: str | None = None  # default: sqlite:///<data_dir>/xdlabel.db
     model: str = "parity"  # X-Decoder config name
-    checkpoint: str = str(DEFAULT_CHECKPOINT)  # local path or hf://owner/repo/file
+    checkpoint: str = str(BUNDLED_CHECKPOINT)  # local path or hf://owner/repo/file
     device: str | None = None  # None: CUDA when present
-    short_side: int = 512
+    short_side: int | None = None  # None: the bundled model's training size with it, else 512 (official demos)
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     require_api_key: bool = True
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
@@ -45,6 +52,14 @@ class Settings(BaseSettings):
     # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
     ml_backend_user: str = "xdlabel"
     ml_backend_password: str | None = None
+
+    @property
+    def image_short_side(self) -> int:
+        if self.short_side:
+            return self.short_side
+        if Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT:
+            return int(bundled_meta()["short_side"])
+        return 512
 
     @property
     def sqlalchemy_url(self) -> str:
