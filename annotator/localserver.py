@@ -70,6 +70,7 @@ class LocalLabelStudio:
             prefix + "LOCAL_FILES_SERVING_ENABLED": "true", prefix + "LOCAL_FILES_DOCUMENT_ROOT": str(self.files_root),
             prefix + "ML_BLOCK_LOCAL_IP": "false",  # the ML backend runs on loopback
             prefix + "SSRF_PROTECTION_ENABLED": "false",  # so do the webhooks
+            prefix + "HOST": self.url,  # what /setup tells an ML backend to read files from
             prefix + "COLLECT_ANALYTICS": "false", prefix + "LATEST_VERSION_CHECK": "false",
             "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
         })

@@ -89,3 +89,46 @@ def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) ->
     with sessions() as session:
         assert session.scalar(select(ModelVersion.name).where(ModelVersion.name == report.model_version))
     engine.dispose()
+
+
+def test_coco_files_become_scenes(tmp_path: Path) -> None:
+    """Polygons and RLE, captions from a captions file, RefCOCO-style sentences, stuff categories."""
+    import json
+
+    from PIL import Image
+
+    from annotator.convert import mask_to_coco_rle, mask_to_outlines
+    from annotator.dataset import scenes_from_coco
+
+    size = (96, 64)
+    originals = make_scenes(3, seed=11, size=size)
+    images, anns, captions = [], [], []
+    for i, scene in enumerate(originals):
+        Image.fromarray(scene.image).save(tmp_path / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": size[0], "height": size[1]})
+        captions.append({"id": i, "image_id": i, "caption": scene.caption})
+        for s in scene.segments:
+            mask = scene.mask(s.id)
+            if s.isthing and not (mask_to_outlines(mask, 0)[0].holes or len(mask_to_outlines(mask, 0)) > 1):
+                ring = mask_to_outlines(mask, 0)[0].exterior  # a polygon, in COCO's pixel-edge coordinates
+                segmentation: object = [ring.ravel().tolist()]
+            else:
+                segmentation = mask_to_coco_rle(mask)
+            ann = {"id": len(anns) + 1, "image_id": i, "category_id": s.category_id + 1, "iscrowd": 0,
+                   "segmentation": segmentation, "area": int(mask.sum()), "bbox": list(s.box)}
+            if s.id in scene.phrases:
+                ann["sentences"] = [{"sent": scene.phrases[s.id]}]
+            anns.append(ann)
+    categories = [{"id": k + 1, "name": c, "isthing": int(c not in STUFF)} for k, c in enumerate(CLASSES)]
+    (tmp_path / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                         "categories": categories}))
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": captions}))
+    data = scenes_from_coco(tmp_path / "instances.json", size, captions=tmp_path / "captions.json")
+    assert data.class_names == list(CLASSES) and data.stuff == list(STUFF) and not data.skipped
+    for scene, original in zip(data.scenes, originals, strict=True):
+        assert scene.caption == original.caption
+        assert set(original.phrases.values()) <= set(scene.phrases.values())  # plus "the <label>" for unique ones
+        for segment in original.segments:
+            matches = [s for s in scene.segments if s.category_id == segment.category_id and
+                       (scene.mask(s.id) == original.mask(segment.id)).mean() > 0.995]
+            assert matches, f"{CLASSES[segment.category_id]} lost"

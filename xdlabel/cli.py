@@ -214,21 +214,27 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finetune_from_labelstudio(args: argparse.Namespace) -> int:
+def _finetune(args: argparse.Namespace) -> int:
+    """Fine-tune on labelled data (a Label Studio project or a COCO file) with held-out metrics."""
     from pathlib import Path
 
     from tqdm import tqdm
 
+    from annotator.dataset import scenes_from_coco
     from index.db import make_engine, make_session_factory, upgrade
     from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
 
     settings = _settings(args)
-    client = _ls_client(settings)
     upgrade(settings.sqlalchemy_url)
     engine = make_engine(settings.sqlalchemy_url)
     sessions = make_session_factory(engine)
-    data = labelstudio_data(client, args.from_labelstudio, (args.width, args.height),
-                            sessions if args.from_store else None, settings.max_image_bytes)
+    size = (args.width, args.height)
+    if args.coco:
+        data = scenes_from_coco(Path(args.coco), size, Path(args.image_root) if args.image_root else None,
+                                Path(args.captions) if args.captions else None)
+    else:
+        data = labelstudio_data(_ls_client(settings), args.from_labelstudio, size,
+                                sessions if args.from_store else None, settings.max_image_bytes)
     options = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                               freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text)
     bar = tqdm(total=args.steps, unit="step", disable=args.json)
@@ -237,7 +243,7 @@ def _finetune_from_labelstudio(args: argparse.Namespace) -> int:
                       sessions=sessions, log=lambda step, record: bar.update(1))
     bar.close()
     engine.dispose()
-    _emit({**describe(report), "skipped_tasks": data.skipped}, args.json)
+    _emit({**describe(report), "skipped": data.skipped}, args.json)
     return 0
 
 
@@ -246,8 +252,8 @@ def _train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    if args.from_labelstudio is not None:
-        return _finetune_from_labelstudio(args)
+    if args.from_labelstudio is not None or args.coco:
+        return _finetune(args)
     args.config = args.config or "parity"
 
     from xdecoder import build_model, load_checkpoint
@@ -268,7 +274,14 @@ def _train(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
 
-    history = trainer.fit(synthetic_batches(cfg, (args.width, args.height)), folder=out, log=log)
+    import hashlib
+
+    import xdecoder.training.synthetic as synthetic
+
+    data = {"generator": "xdecoder.training.synthetic", "seed": args.seed, "size": [args.width, args.height],
+            "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()}
+    history = trainer.fit(synthetic_batches(cfg, (args.width, args.height)), folder=out, log=log,
+                          meta={"training_data": data})
     bar.close()
     summary = {"checkpoint": str(out), "resumed_from_step": resumed and (cfg.steps - len(history)),
                "steps": trainer.step, "final_loss": history[-1]["loss"] if history else None}
@@ -450,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "is registered as a model version only if it is better")
     train.add_argument("--from-store", action="store_true",
                        help="with --from-labelstudio: the annotations xdlabel received by webhook")
+    train.add_argument("--coco", help="fine-tune on a COCO instances file (polygons or RLE; as --from-labelstudio)")
+    train.add_argument("--image-root", help="with --coco: the images' folder (default: beside the file)")
+    train.add_argument("--captions", help="with --coco: a COCO captions file")
     train.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
     train.add_argument("--steps", type=int, default=1000)
     train.add_argument("--batch-size", type=int, default=4)

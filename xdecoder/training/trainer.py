@@ -186,9 +186,10 @@ class Trainer:
         return True
 
     def fit(self, batches: Callable[[int], Batch], folder: Path | None = None,
-            log: Callable[[int, dict[str, float]], None] | None = None, until: int | None = None
-            ) -> list[dict[str, float]]:
-        """Train until ``cfg.steps`` (or step ``until``), resuming from ``folder`` when it has a checkpoint."""
+            log: Callable[[int, dict[str, float]], None] | None = None, until: int | None = None,
+            meta: dict[str, Any] | None = None) -> list[dict[str, float]]:
+        """Train until ``cfg.steps`` (or step ``until``), resuming from ``folder`` when it has a checkpoint;
+        ``meta`` (what the data was, say) goes into every checkpoint's meta.json."""
         if folder is not None:
             self.resume(folder)
         history = []
@@ -198,5 +199,5 @@ class Trainer:
             if log:
                 log(self.step, record)
             if folder is not None and (self.step % self.cfg.checkpoint_every == 0 or self.step == self.cfg.steps):
-                self.save(folder)
+                self.save(folder, meta)
         return history

@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = FastAPI(title="xdlabel", version="1", lifespan=lifespan,
                   description="Text, image and region search over image corpora with X-Decoder.")
     app.state.services = services
+    app.state.ls_connections = mlbackend.Connections()  # Label Studio servers met through /ml/setup
     app.include_router(router)
     app.include_router(mlbackend.router)
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 from sqlalchemy import select
@@ -109,10 +109,11 @@ def labeling_config(services: Services, xml: str) -> LabelingConfig:
         raise HTTPException(400, str(err)) from None
 
 
-def connections(services: Services) -> Connections:
-    if not hasattr(services, "ls_connections"):
-        services.ls_connections = Connections()  # type: ignore[attr-defined]
-    return services.ls_connections  # type: ignore[attr-defined,no-any-return]
+def connections_of(request: Request) -> Connections:
+    return request.app.state.ls_connections  # type: ignore[no-any-return]
+
+
+ConnectionsDep = Annotated[Connections, Depends(connections_of)]
 
 
 _model_lock = threading.Lock()
@@ -136,9 +137,9 @@ def health(services: ServicesDep) -> dict[str, Any]:
 
 
 @router.post("/setup")
-def setup(body: SetupRequest, services: ServicesDep) -> dict[str, str]:
+def setup(body: SetupRequest, services: ServicesDep, connections: ConnectionsDep) -> dict[str, str]:
     labeling_config(services, body.schema_)  # a config we cannot serve is refused at registration
-    connections(services).remember(body.project, body.hostname, body.access_token)
+    connections.remember(body.project, body.hostname, body.access_token)
     _warm_up(services)
     return {"model_version": services.model_version_name}
 
@@ -168,12 +169,12 @@ def _read_images(client: LabelStudioClient, tasks: list[dict[str, Any]], config:
 
 
 @router.post("/predict")
-def predict(body: PredictRequest, services: ServicesDep) -> dict[str, Any]:
+def predict(body: PredictRequest, services: ServicesDep, connections: ConnectionsDep) -> dict[str, Any]:
     """One result per task, in order; a task whose image cannot be read gets an empty result."""
     if not body.label_config:
         raise HTTPException(400, "label_config is missing")
     config = labeling_config(services, body.label_config)
-    client = connections(services).client(services, body.project)
+    client = connections.client(services, body.project)
     images = _read_images(client, body.tasks, config, services)
     version = services.model_version_name
     settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
