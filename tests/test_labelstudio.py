@@ -251,6 +251,15 @@ def test_ml_backend_called_by_label_studio(backend: dict[str, Any], ls_client: L
                                                                  context={"result": [click]})
     (picked,) = raw.response.json()["data"]["result"]
     assert picked["value"]["brushlabels"] == ["Ball"] and result_to_mask(picked)[ys[0], xs[0]]
+    # A box picks the predicted region that overlaps it most.
+    x0, y0, x1, y1 = 20, 30, 100, 90
+    box = {"type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": 160,
+           "original_height": 120, "value": {"x": x0 / 1.6, "y": y0 / 1.2, "width": (x1 - x0) / 1.6,
+                                              "height": (y1 - y0) / 1.2, "rotation": 0, "rectanglelabels": ["box"]}}
+    raw = ls_client.sdk.ml.with_raw_response.predict_interactive(id=backend_id, task=task_ids[0],
+                                                                 context={"result": [box]})
+    (boxed,) = raw.response.json()["data"]["result"]
+    assert boxed["value"]["brushlabels"] == ["box"] and result_to_mask(boxed)[y0:y1, x0:x1].any()
 
     # Webhooks: annotations stored as they are created, updated and deleted; training queued.
     mask = np.zeros((120, 160), bool)
