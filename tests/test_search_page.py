@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_api import Server, make_images
+from tests.conftest import Server, make_images
 from xdlabel.api.auth import create_api_key
 from xdlabel.ingest import ingest_files
 from xdlabel.services import Services

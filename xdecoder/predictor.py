@@ -371,8 +371,9 @@ class Predictor:
         with self._context():
             for image in features:
                 q = image.embeddings.shape[0]
-                # Choose and de-duplicate at the decoder's 1/4 resolution; upsample only the chosen.
-                low = image.mask_logits
+                # Choose and de-duplicate at the decoder's 1/4 resolution, inside the image (not its
+                # padding); upsample only the chosen.
+                low = image.mask_logits[:, : -(-image.geometry.resized[0] // 4), : -(-image.geometry.resized[1] // 4)]
                 binary = low > 0
                 area = binary.flatten(1).sum(1)
                 quality = (low.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (area + 1e-6)
@@ -393,7 +394,7 @@ class Predictor:
                 emb = image.embeddings[idx]
                 emb = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
                 results.append([Region(masks[k].cpu().numpy(), _box(boxes[k]), emb[k], float(quality[i]), i)
-                                for k, i in enumerate(chosen)])
+                                for k, i in enumerate(chosen) if masks[k].any()])
         return results
 
 
