@@ -44,14 +44,16 @@ def _model_bundle(args: argparse.Namespace) -> int:
         raise ValueError(f"{run} stopped at step {meta['step']} of {meta['train']['steps']}: finish the run first")
     model = build_model(meta["config"])
     load_checkpoint(model, run / "model.safetensors")
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=args.height))
+    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=args.height,
+                                                                          caption_steps=args.caption_steps))
     size = (args.width, args.height)
     metrics = evaluate(predictor, synthetic.make_scenes(args.scenes, seed=args.seed, size=size))
     BUNDLED_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "model.safetensors", BUNDLED_CHECKPOINT)
     info = {
         "config": meta["config"], "classes": meta["classes"], "stuff": list(synthetic.STUFF),
-        "short_side": args.height, "train_size": list(size), "training": meta["train"],
+        "short_side": args.height, "caption_steps": args.caption_steps, "train_size": list(size),
+        "training": meta["train"],
         "training_data": {"generator": "xdecoder.training.synthetic", "seed": meta["train"]["seed"],
                           "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()},
         "heldout": {"seed": args.seed, "scenes": args.scenes, "metrics": metrics},
@@ -297,7 +299,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     model = build_model(args.config)
     load_checkpoint(model, args.checkpoint)
-    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height))
+    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height, caption_steps=args.caption_steps))
     metrics = evaluate(predictor, make_scenes(args.scenes, seed=args.seed, size=(args.width, args.height)))
     _emit(dict(metrics), args.json)
     return 0
@@ -486,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
     evaluate.add_argument("--width", type=int, default=160)
     evaluate.add_argument("--height", type=int, default=128)
+    evaluate.add_argument("--caption-steps", type=int, help="longest caption in tokens (default: the config's)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=_eval)
 
@@ -550,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("--width", type=int, default=96)
     bundle.add_argument("--height", type=int, default=64)
     bundle.add_argument("--scenes", type=int, default=100)
+    bundle.add_argument("--caption-steps", type=int, default=24, help="longest caption, in tokens")
     bundle.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
     bundle.add_argument("--json", action="store_true")
     bundle.set_defaults(func=_model_bundle)

@@ -30,8 +30,9 @@ class InferActor:
         self.settings = Settings.model_validate_json(settings_json)
         model = build_model(self.settings.model)
         load_checkpoint(model, self.settings.checkpoint)
-        self.predictor = Predictor(model, device=self.settings.device,
-                                   settings=PredictorSettings(short_side=self.settings.image_short_side))
+        options = PredictorSettings(short_side=self.settings.image_short_side,
+                                    caption_steps=self.settings.image_caption_steps)
+        self.predictor = Predictor(model, device=self.settings.device, settings=options)
         self.known = known
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

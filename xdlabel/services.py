@@ -51,8 +51,9 @@ class Services:
 
             model = build_model(self.settings.model)
             self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
-            predictor = Predictor(model, device=self.settings.device,
-                                  settings=PredictorSettings(short_side=self.settings.image_short_side))
+            options = PredictorSettings(short_side=self.settings.image_short_side,
+                                        caption_steps=self.settings.image_caption_steps)
+            predictor = Predictor(model, device=self.settings.device, settings=options)
             self.__dict__["predictor"] = predictor  # published before the lock is released
             return predictor
 

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     checkpoint: str = str(BUNDLED_CHECKPOINT)  # local path or hf://owner/repo/file
     device: str | None = None  # None: CUDA when present
     short_side: int | None = None  # None: the bundled model's training size with it, else 512 (official demos)
+    caption_steps: int | None = None  # None: the bundled model's with it, else the model config's
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     require_api_key: bool = True
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
@@ -54,12 +55,20 @@ class Settings(BaseSettings):
     ml_backend_password: str | None = None
 
     @property
+    def uses_bundled_model(self) -> bool:
+        return Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT
+
+    @property
     def image_short_side(self) -> int:
         if self.short_side:
             return self.short_side
-        if Path(self.checkpoint).resolve() == BUNDLED_CHECKPOINT:
-            return int(bundled_meta()["short_side"])
-        return 512
+        return int(bundled_meta()["short_side"]) if self.uses_bundled_model else 512
+
+    @property
+    def image_caption_steps(self) -> int | None:
+        if self.caption_steps or not self.uses_bundled_model:
+            return self.caption_steps
+        return int(bundled_meta()["caption_steps"])
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -1,0 +1,42 @@
+"""The bundled model: loaded by default, and its held-out figures (README, shapes.json) reproduce."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from index.db import upgrade
+from xdecoder import Predictor, build_model, load_checkpoint
+from xdecoder.predictor import PredictorSettings
+from xdecoder.training.evaluate import evaluate
+from xdecoder.training.synthetic import make_scenes
+from xdlabel.services import Services
+from xdlabel.settings import BUNDLED_CHECKPOINT, Settings
+
+
+def test_the_bundled_model_is_the_default(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+    assert BUNDLED_CHECKPOINT.stat().st_size <= 25 * 1024 * 1024
+    settings = Settings(data_dir=tmp_path)
+    assert settings.uses_bundled_model and settings.image_short_side == meta["short_side"]
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    predictor = services.predictor  # strict loading
+    assert services.checkpoint.sha256 == meta["sha256"]
+    assert predictor.settings.caption_steps == meta["caption_steps"]
+    assert services.model_version_name == services.model.name == f"{meta['config']}-{meta['sha256'][:12]}"
+    services.engine.dispose()
+
+
+def test_the_bundled_models_heldout_metrics_reproduce() -> None:
+    meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+    model = build_model(meta["config"])
+    load_checkpoint(model, BUNDLED_CHECKPOINT)
+    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=meta["short_side"],
+                                                                          caption_steps=meta["caption_steps"]))
+    held = meta["heldout"]
+    metrics = evaluate(predictor, make_scenes(held["scenes"], seed=held["seed"], size=tuple(meta["train_size"])))
+    print("\nbundled model, held-out:", {k: round(v, 3) for k, v in metrics.items() if "/" not in k})
+    for name, value in held["metrics"].items():
+        assert metrics[name] == pytest.approx(value, abs=1e-3), name
