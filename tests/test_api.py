@@ -1,7 +1,7 @@
 """The HTTP API against a real uvicorn server, on SQLite and PostgreSQL.
 
-The model is the reduced X-Decoder with the official parity weights (untrained): the tests
-check what the API does with its outputs, not search quality.
+The model is the bundled one (the default): the tests check what the API does with its outputs,
+not search quality.
 """
 
 from __future__ import annotations
