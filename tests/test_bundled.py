@@ -40,3 +40,25 @@ def test_the_bundled_models_heldout_metrics_reproduce() -> None:
     print("\nbundled model, held-out:", {k: round(v, 3) for k, v in metrics.items() if "/" not in k})
     for name, value in held["metrics"].items():
         assert metrics[name] == pytest.approx(value, abs=1e-3), name
+
+
+def test_text_search_with_the_bundled_model_finds_the_described_scene(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The main job's corpus through the real pipeline: each scene's own caption, as a query, ranks
+    that scene first (held-out scenes; at least 10 of 12, to allow for other CPUs' rounding)."""
+    from pathlib import Path
+
+    from xdlabel.demo import SEED, write_corpus
+    from xdlabel.ingest import ingest_files
+    from xdlabel.search import search_text
+
+    settings = Settings(data_dir=tmp_path / "data")
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    paths = write_corpus(tmp_path / "corpus", 12)
+    ingest_files(services, "demo", paths)
+    captions = [s.caption for s in make_scenes(12, seed=SEED, size=(192, 128))]
+    top = [Path(search_text(services, c, k=1).hits[0]["uri"]).name for c in captions]
+    found = sum(name == path.name for name, path in zip(top, paths, strict=True))
+    print(f"\nbundled model: {found}/12 captions find their own scene first")
+    assert found >= 10
+    services.engine.dispose()
