@@ -163,7 +163,7 @@ def test_a_label_studio_crash_mid_push_loses_and_duplicates_nothing(
             "result": [brush_result(masks[t], "Ball", "mask", "image", 0.5)], "score": 0.5,
             "model_version": "outage-v1"}) for t in task_ids]) == 300
         session.commit()
-    outbox = Outbox(sessions, ls_client, chunk_size=10)
+    outbox = Outbox(sessions, ls_client, chunk_size=5)  # 60 requests: the kill lands mid-push
     reports = []
     pusher = threading.Thread(target=lambda: reports.append(outbox.deliver()))
     pusher.start()
