@@ -78,3 +78,9 @@ def test_train_and_eval_commands(tmp_path: Path) -> None:
     assert summary == {"miou", "pq", "referring_iou", "r_at_1", "caption_exact", "bleu4"}
     assert {k.split("/")[0] for k in metrics if "/" in k} == {"iou"}  # per-class IoU of the classes present
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    # Same seed, same run, in another process: initial weights included (what make train-demo relies on).
+    again = str(tmp_path / "again")
+    cli("train", "--out", again, "--steps", "2", "--batch-size", "1", "--checkpoint-every", "1", "--json", *size)
+    cli("train", "--out", again, "--steps", "3", "--batch-size", "1", "--json", *size)
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("ckpt", "again")]
+    assert weights[0] == weights[1]

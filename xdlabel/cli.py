@@ -257,6 +257,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.from_labelstudio is not None or args.coco:
         return _finetune(args)
     args.config = args.config or "parity"
+    import torch
+
+    torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
 
     from xdecoder import build_model, load_checkpoint
     from xdecoder.training.trainer import TrainConfig, Trainer, synthetic_batches
