@@ -67,24 +67,22 @@ def test_split_holds_out_every_fourth() -> None:
 
 
 def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) -> None:
-    """Triangles are called "wedge" here, a name the bundled model never saw: its IoU must rise,
-    and the better checkpoint is registered as a model version."""
+    """Water is called "lake" here, a name the bundled model never saw: its held-out IoU must rise, and
+    the better checkpoint is registered as a model version."""
     size = (96, 64)
-    tasks, images = synthetic_tasks(16, seed=777, size=size, names={"triangle": "wedge"})
+    tasks, images = synthetic_tasks(16, seed=777, size=size, names={"water": "lake"})
     data = scenes_from_tasks(tasks, lambda task: images[task["id"]], size=size)
-    assert "wedge" in data.class_names and "triangle" not in data.class_names
+    assert "lake" in data.class_names and "water" not in data.class_names
     url = f"sqlite:///{tmp_path / 'x.db'}"
     upgrade(url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)
     stuff = [c for c in data.class_names if c in STUFF]
-    init = str(BUNDLED_CHECKPOINT)
-    report = finetune("parity", init, data.scenes, data.class_names, stuff, tmp_path / "ft",
-                      FinetuneOptions(steps=80, lr=5e-4), data_digest=data.digest,
-                      sessions=sessions)
-    print(f"\nnew class 'wedge' IoU before {report.before['iou/wedge']:.3f} after {report.after['iou/wedge']:.3f}; "
+    report = finetune("parity", str(BUNDLED_CHECKPOINT), data.scenes, data.class_names, stuff, tmp_path / "ft",
+                      FinetuneOptions(steps=40, lr=3e-4), data_digest=data.digest, sessions=sessions)
+    print(f"\nnew class 'lake' IoU before {report.before['iou/lake']:.3f} after {report.after['iou/lake']:.3f}; "
           f"mIoU {report.before['miou']:.3f} -> {report.after['miou']:.3f}")
-    assert report.after["iou/wedge"] > report.before["iou/wedge"] + 0.05
+    assert report.after["iou/lake"] > report.before["iou/lake"] + 0.3
     assert report.improved and report.checkpoint.is_file()
     with sessions() as session:
         assert session.scalar(select(ModelVersion.name).where(ModelVersion.name == report.model_version))

@@ -71,8 +71,12 @@ def finetune(config: str, init: str, scenes: Sequence[Scene], class_names: Seque
     height, width = scenes[0].image.shape[:2]
     model = build_model(config)
     load_checkpoint(model, init)
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=min(height, width)))
-    before = evaluate(predictor, held, class_names, stuff)
+    def measure() -> dict[str, float]:
+        # A new predictor each time: a predictor caches class-name embeddings, which training changes.
+        predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=min(height, width)))
+        return evaluate(predictor, held, class_names, stuff)
+
+    before = measure()
     cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
                       freeze_backbone=options.freeze_backbone, freeze_text=options.freeze_text,
                       checkpoint_every=max(options.steps, 1), warmup=min(20, options.steps))
@@ -83,7 +87,7 @@ def finetune(config: str, init: str, scenes: Sequence[Scene], class_names: Seque
         return [train[rng.randrange(len(train))] for _ in range(options.batch_size)]
 
     trainer.fit(batch, folder=out, log=log)
-    after = evaluate(predictor, held, class_names, stuff)
+    after = measure()
     improved = after[options.metric] > before[options.metric]
     checkpoint = out / "model.safetensors"
     trainer.save(out, {"init": init, "training_data_sha256": data_digest, "before": before, "after": after,
