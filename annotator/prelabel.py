@@ -7,7 +7,7 @@ Each region carries its score; the prediction's score is the model's confidence 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,23 +27,24 @@ class PrelabelSettings:
 
 
 @dataclass
-class Region:
+class LabelledRegion:
     label: str
     mask: np.ndarray
     score: float
 
 
-def regions(predictor: Predictor, features: Features, config: LabelingConfig) -> list[list[Region]]:
+def regions(predictor: Predictor, features: Features, config: LabelingConfig) -> list[list[LabelledRegion]]:
     """Every candidate region per image for the project's classes, before thresholds."""
     names = config.class_names
     label_of = config.prompts
-    out: list[list[Region]] = []
+    out: list[list[LabelledRegion]] = []
     if config.task == "panoptic":
         for result in predictor.panoptic(features, names, stuff=config.stuff):
-            out.append([Region(label_of[s.label], result.segment_map == s.id, s.score) for s in result.segments])
+            out.append([LabelledRegion(label_of[s.label], result.segment_map == s.id, s.score)
+                        for s in result.segments])
     elif config.task == "instance":
         for inst in predictor.instance(features, names, stuff=config.stuff):
-            out.append([Region(label_of[name], inst.masks[k], float(inst.scores[k]))
+            out.append([LabelledRegion(label_of[name], inst.masks[k], float(inst.scores[k]))
                         for k, name in enumerate(inst.labels)])
     else:
         for sem in predictor.semantic(features, names, return_scores=True):
@@ -54,22 +55,22 @@ def regions(predictor: Predictor, features: Features, config: LabelingConfig) ->
             image_regions = []
             for k in np.unique(sem.label_map):
                 mask = sem.label_map == k
-                image_regions.append(Region(label_of[names[int(k)]], mask, float(share[mask].mean())))
+                image_regions.append(LabelledRegion(label_of[names[int(k)]], mask, float(share[mask].mean())))
             # Synonyms of one label make one region.
-            merged: dict[str, Region] = {}
+            merged: dict[str, LabelledRegion] = {}
             for r in image_regions:
                 if r.label in merged:
                     m = merged[r.label]
                     area, extra = m.mask.sum(), r.mask.sum()
-                    merged[r.label] = Region(r.label, m.mask | r.mask, (m.score * area + r.score * extra) /
-                                             (area + extra))
+                    score = (m.score * area + r.score * extra) / (area + extra)
+                    merged[r.label] = LabelledRegion(r.label, m.mask | r.mask, float(score))
                 else:
                     merged[r.label] = r
             out.append(list(merged.values()))
     return out
 
 
-def region_results(region: Region, targets: Sequence[Target], settings: PrelabelSettings) -> list[Result]:
+def region_results(region: LabelledRegion, targets: Sequence[Target], settings: PrelabelSettings) -> list[Result]:
     results: list[Result] = []
     height, width = region.mask.shape
     for target in targets:
@@ -90,7 +91,7 @@ def predictions(predictor: Predictor, features: Features, config: LabelingConfig
                 settings: PrelabelSettings = PrelabelSettings(), captions: Sequence[str] | None = None
                 ) -> list[Prediction]:
     """One Label Studio prediction per encoded image, in order (``captions``: already computed)."""
-    per_image: list[list[Region]] = regions(predictor, features, config) if config.targets \
+    per_image: list[list[LabelledRegion]] = regions(predictor, features, config) if config.targets \
         else [[] for _ in features]
     if captions is None and config.caption and settings.captions:
         captions = predictor.caption(features)
@@ -145,7 +146,7 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
                 continue
             label = label if label in target.labels else target.labels[0]
             score = float(probability.mean())
-            result += region_results(Region(label, grounded.mask, score), [target], settings)
+            result += region_results(LabelledRegion(label, grounded.mask, score), [target], settings)
         elif kind in ("keypointlabels", "rectanglelabels"):
             candidates = regions(predictor, features, _as_instances(config))[0]
             if kind == "keypointlabels":
@@ -166,13 +167,11 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
             label = labels[0] if labels and config.targets_for(labels[0]) else best.label
             target = _mask_target(config, label)
             if target is not None:
-                result += region_results(Region(label, best.mask, best.score), [target], settings)
+                result += region_results(LabelledRegion(label, best.mask, best.score), [target], settings)
     return {"result": _with_ids(result), "score": max((r.get("score", 0.0) for r in result), default=0.0),
             "model_version": model_version}
 
 
 def _as_instances(config: LabelingConfig) -> LabelingConfig:
     # Overlapping candidates (instance mode) so that a click can pick a thing lying on stuff.
-    from dataclasses import replace
-
     return replace(config, task="instance", stuff=frozenset())
