@@ -443,6 +443,17 @@ def test_finetune_from_a_label_studio_project(ls_client: LabelStudioClient, labe
     meta = json.loads((tmp_path / "ft" / "meta.json").read_text())
     assert meta["classes"] == ["Ball", "box", "background"] and len(meta["training_data_sha256"]) == 64
     assert (report["model_version"] is not None) == report["improved"]
+    # The project exported to COCO is training data too: its images are read back through Label Studio.
+    cli = [sys.executable, "-m", "xdlabel.cli"]
+    subprocess.run([*cli, "export", "--project", str(project.id), "--out", str(tmp_path / "coco.json")], env=env,
+                   check=True, capture_output=True, timeout=120)
+    done = subprocess.run([*cli, "train", "--coco", str(tmp_path / "coco.json"), "--out", str(tmp_path / "ft-coco"),
+                           "--steps", "2", "--width", "64", "--height", "48", "--json"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    from_coco = json.loads(done.stdout)
+    assert from_coco["train_scenes"] == 3 and from_coco["heldout_scenes"] == 1 and from_coco["skipped"] == {}
+    assert from_coco["before"] == report["before"]  # the same scenes, the same starting model
 
     settings = Settings(data_dir=tmp_path / "worker", ls_url=label_studio.url, ls_token=label_studio.token)
     upgrade(settings.sqlalchemy_url)

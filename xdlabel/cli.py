@@ -224,7 +224,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from annotator.dataset import scenes_from_coco
     from index.db import make_engine, make_session_factory, upgrade
-    from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
+    from xdlabel.finetune import FinetuneOptions, coco_image_reader, describe, finetune, labelstudio_data
 
     settings = _settings(args)
     upgrade(settings.sqlalchemy_url)
@@ -232,8 +232,11 @@ def _finetune(args: argparse.Namespace) -> int:
     sessions = make_session_factory(engine)
     size = (args.width, args.height)
     if args.coco:
+        root = Path(args.image_root) if args.image_root else Path(args.coco).parent
+        client = _ls_client(settings) if settings.ls_url and settings.ls_token else None
+        reader = coco_image_reader(root, client, settings.max_image_bytes)
         data = scenes_from_coco(Path(args.coco), size, Path(args.image_root) if args.image_root else None,
-                                Path(args.captions) if args.captions else None)
+                                Path(args.captions) if args.captions else None, read_image=reader)
     else:
         data = labelstudio_data(_ls_client(settings), args.from_labelstudio, size,
                                 sessions if args.from_store else None, settings.max_image_bytes)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from annotator.client import LabelStudioClient
@@ -119,6 +120,19 @@ def labelstudio_data(client: LabelStudioClient, project_id: int, size: tuple[int
         return read_image(client.read_file(task_image_url(task, config), max_image_bytes))[0]
 
     return scenes_from_tasks(tasks, read, config, size)
+
+
+def coco_image_reader(root: Path, client: LabelStudioClient | None, max_bytes: int
+                      ) -> Callable[[dict[str, Any]], np.ndarray]:
+    """A COCO entry's image: ``file_name`` under ``root``, or, in a file exported from Label Studio,
+    a Label Studio URL read with its auth (when a client is given)."""
+    def read(entry: dict[str, Any]) -> np.ndarray:
+        name = entry["file_name"]
+        if client is not None and name.startswith(("/data/", "http://", "https://")):
+            return read_image(client.read_file(name, max_bytes))[0]
+        return read_image((root / name).read_bytes())[0]
+
+    return read
 
 
 def describe(report: FinetuneReport) -> dict[str, Any]:
