@@ -48,13 +48,22 @@ def _resize(image: np.ndarray, size: tuple[int, int], nearest: bool = False) -> 
     return np.array(Image.fromarray(image).resize(size, resample))  # writable: torch takes it as is
 
 
+def _read_or_skip(read: Callable[[Any], np.ndarray], item: Any, key: int, skipped: dict[int, str]
+                  ) -> np.ndarray | None:
+    try:
+        return read(item)
+    except Exception as err:  # noqa: BLE001 - one unreadable image is skipped, the rest train
+        skipped[key] = f"image not readable: {err}"
+        return None
+
+
 def scenes_from_tasks(tasks: Sequence[Task], read_image: Callable[[Task], np.ndarray],
                       config: LabelingConfig | None = None, size: tuple[int, int] = (160, 128),
                       min_area: int = 4) -> LabelledData:
     """``read_image(task)`` gives the task's RGB image; ``size`` is the training (width, height).
     Class names are the config's labels (in order), else the labels found."""
     if config is not None:
-        class_names = list(dict.fromkeys(label for t in config.targets for label in t.labels))
+        class_names = config.labels
         stuff = sorted({config.prompts[p] for p in config.stuff})
     else:
         found = {result_label(r) for t in tasks for a in t.get("annotations", []) for r in a.get("result", [])}
@@ -67,10 +76,8 @@ def scenes_from_tasks(tasks: Sequence[Task], read_image: Callable[[Task], np.nda
         if annotation is None:
             skipped[task["id"]] = "no annotation"
             continue
-        try:
-            image = read_image(task)
-        except Exception as err:  # noqa: BLE001 - one unreadable image is skipped, the rest train
-            skipped[task["id"]] = f"image not readable: {err}"
+        image = _read_or_skip(read_image, task, task["id"], skipped)
+        if image is None:
             continue
         regions: list[tuple[np.ndarray, str, str | None]] = []
         for result in annotation["result"]:
@@ -154,10 +161,8 @@ def scenes_from_coco(instances: Path, size: tuple[int, int] = (160, 128), image_
         if not anns:
             skipped[entry["id"]] = "no annotation"
             continue
-        try:
-            image = read(entry)
-        except Exception as err:  # noqa: BLE001 - one unreadable image is skipped, the rest train
-            skipped[entry["id"]] = f"image not readable: {err}"
+        image = _read_or_skip(read, entry, entry["id"], skipped)
+        if image is None:
             continue
         if image.shape[:2] != (entry.get("height"), entry.get("width")):
             skipped[entry["id"]] = f"image is {image.shape[1]}x{image.shape[0]}, the file says " \

@@ -41,7 +41,7 @@ def tasks_from_store(session: Session, project_id: int) -> list[Task]:
 
 def _labels(tasks: Iterable[Task], config: LabelingConfig | None, source: str) -> list[str]:
     if config is not None:
-        return list(dict.fromkeys(label for t in config.targets for label in t.labels))
+        return config.labels
     found = (result_label(r) for t in tasks for a in t.get(source, []) for r in a.get("result", []))
     return sorted({label for label in found if label})
 

@@ -42,7 +42,13 @@ class LabelingConfig:
 
     @property
     def class_names(self) -> list[str]:
+        """X-Decoder's class list: the prompt texts."""
         return list(self.prompts)
+
+    @property
+    def labels(self) -> list[str]:
+        """The label values of every target, in config order, once each."""
+        return list(dict.fromkeys(label for t in self.targets for label in t.labels))
 
     def targets_for(self, label: str) -> list[Target]:
         return [t for t in self.targets if label in t.labels]

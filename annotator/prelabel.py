@@ -131,6 +131,7 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
     referring-segmentation mask; a keypoint or a box picks the best predicted region under it."""
     (height, width) = features.images[0].geometry.original
     result: list[Result] = []
+    candidates: list[LabelledRegion] | None = None  # computed once, for the first click or box
     for prompt in context.get("result", []):
         kind, value = prompt.get("type"), prompt.get("value", {})
         labels = value.get(kind, []) if isinstance(value, dict) else []
@@ -148,7 +149,8 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
             score = float(probability.mean())
             result += region_results(LabelledRegion(label, grounded.mask, score), [target], settings)
         elif kind in ("keypointlabels", "rectanglelabels"):
-            candidates = regions(predictor, features, _as_instances(config))[0]
+            if candidates is None:
+                candidates = regions(predictor, features, _as_instances(config))[0]
             if kind == "keypointlabels":
                 col = min(int(value["x"] * width / 100.0), width - 1)
                 row = min(int(value["y"] * height / 100.0), height - 1)
