@@ -11,16 +11,16 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Select, delete, func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from index.models import Embedding, Image, ImageTag
+from index.filters import Filters, filtered_ids
+from index.models import Embedding, Image
 from index.vectors import IndexParams, Manifest, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -33,19 +33,6 @@ def to_bytes(vector: np.ndarray) -> bytes:
 
 def from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4")
-
-
-@dataclass(frozen=True)
-class Filters:
-    dataset_ids: Sequence[int] = ()
-    tags: Sequence[str] = ()  # every tag must be present
-    meta: dict[str, Any] = field(default_factory=dict)  # equality on top-level metadata fields
-    created_after: datetime | None = None
-    created_before: datetime | None = None
-
-    @property
-    def empty(self) -> bool:
-        return not (self.dataset_ids or self.tags or self.meta or self.created_after or self.created_before)
 
 
 @dataclass(frozen=True)
@@ -99,32 +86,6 @@ class Owners:
             return np.full(np.shape(ids), -1, dtype=np.int64)
         pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # no copies: O(k log n)
         return np.where(self.ids[pos] == ids, self.image_ids[pos], -1)
-
-
-def filtered_ids(model_version_id: int, kind: str, filters: Filters) -> Select[Any]:
-    """SQL for the embedding ids that pass ``filters``."""
-    query = select(Embedding.id).where(Embedding.model_version_id == model_version_id, Embedding.kind == kind)
-    if filters.empty:
-        return query
-    query = query.join(Image, Image.id == Embedding.image_id)
-    if filters.dataset_ids:
-        query = query.where(Image.dataset_id.in_(list(filters.dataset_ids)))
-    for tag in filters.tags:
-        query = query.where(select(ImageTag.image_id).where(ImageTag.image_id == Image.id,
-                                                            ImageTag.tag == tag).exists())
-    for key, value in filters.meta.items():
-        column = Image.meta[key]
-        if isinstance(value, bool):
-            query = query.where(column.as_boolean() == value)
-        elif isinstance(value, int | float):
-            query = query.where(column.as_float() == float(value))
-        else:
-            query = query.where(column.as_string() == str(value))
-    if filters.created_after is not None:
-        query = query.where(Image.created_at >= filters.created_after)
-    if filters.created_before is not None:
-        query = query.where(Image.created_at < filters.created_before)
-    return query
 
 
 class RetrievalStore:

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select, update
 
 from index.db import make_engine, make_session_factory
+from index.filters import Filters
 from index.models import Embedding, Image
 from index.repository import add_image, create_dataset, get_or_create_model_version
-from index.store import Filters, NewEmbedding, RetrievalStore, to_bytes
+from index.store import NewEmbedding, RetrievalStore, to_bytes
 from tests.test_vectors import DIM, brute, clustered, recall
 
 N = 2000

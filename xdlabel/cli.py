@@ -129,7 +129,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from index.store import Filters
+    from index.filters import Filters
     from xdlabel.search import search_text
     from xdlabel.services import Services
 

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import select
 
+from index.filters import Filters
 from index.models import Embedding, Image
-from index.store import Filters, Hit, from_bytes
+from index.store import Hit, from_bytes
 from xdlabel.services import Services
 
 NEGATIVE_WEIGHT = 0.5  # score = sim(query) - 0.5 * sim(negative): linear, so exact in the index

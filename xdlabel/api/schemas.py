@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from index.store import Filters
+from index.filters import Filters
 
 
 class FilterIn(BaseModel):
