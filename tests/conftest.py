@@ -57,6 +57,12 @@ def parity_model():  # type: ignore[no-untyped-def]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):  # type: ignore[no-untyped-def]
+    from tests.test_faults import FAULT_LOG
+
+    if FAULT_LOG:
+        terminalreporter.section(f"fault injection: {len(FAULT_LOG)} trials passed, with what each injected")
+        for line in FAULT_LOG:
+            terminalreporter.write_line(line)
     if not PARITY_ERRORS:
         return
     terminalreporter.section("X-Decoder parity: largest relative error per golden output (goal <= 1e-4)")
