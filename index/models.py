@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -37,9 +38,28 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps with an offset on every database: stored as UTC (SQLite keeps no offset, so an
+    aware value is converted first and a naive one is taken as UTC) and read back aware."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
 
 
 class Dataset(Base):
@@ -96,11 +116,14 @@ class ModelVersion(Base):
 class Embedding(Base):
     """One vector: an image's (kind='image') or a region's (kind='region', with mask and box).
 
-    Its primary key is its id in the FAISS index of (model_version_id, kind).
+    Its primary key is its id in the FAISS index of (model_version_id, kind); ids are never reused
+    (AUTOINCREMENT on SQLite, a sequence on PostgreSQL). Every insert, update and delete, by any
+    path, is appended to ``embedding_changes`` by triggers (migration 0006).
     """
 
     __tablename__ = "embeddings"
-    __table_args__ = (Index("ix_embeddings_version_kind", "model_version_id", "kind", "id"),)
+    __table_args__ = (Index("ix_embeddings_version_kind", "model_version_id", "kind", "id"),
+                      {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
@@ -111,6 +134,21 @@ class Embedding(Base):
     mask_rle: Mapped[dict[str, Any] | None] = mapped_column()  # COCO RLE {size, counts}
     score: Mapped[float | None] = mapped_column(Float)
     label: Mapped[str | None] = mapped_column(String(200))
+
+
+class EmbeddingChange(Base):
+    """The change log of embeddings, written only by database triggers: ``seq`` grows in commit
+    order, so an index that covers the log up to N catches up by reading the rows past N."""
+
+    __tablename__ = "embedding_changes"
+    __table_args__ = (Index("ix_embedding_changes_tail", "model_version_id", "kind", "seq"),
+                      {"sqlite_autoincrement": True})
+
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    model_version_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))
+    embedding_id: Mapped[int] = mapped_column(Integer)
+    op: Mapped[str] = mapped_column(String(8))  # add | delete
 
 
 class Prediction(Base):
@@ -169,6 +207,12 @@ class LabelStudioDelivery(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column()
+    # A deliverer owns the rows it claimed until lease_expires_at; every write it makes is fenced
+    # by lease_owner (a token per claim), so one that lost its lease changes nothing.
+    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    # A forced redo: the task's earlier predictions of this model version are deleted before sending.
+    replace_existing: Mapped[bool] = mapped_column(default=False)
 
 
 class Job(Base):
@@ -188,6 +232,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
     heartbeat_at: Mapped[datetime | None] = mapped_column()
+    # The fencing token: +1 on every claim; each write of a worker carries the token it claimed with,
+    # so a worker whose lease expired (and was taken over) can no longer change the job.
+    lease_token: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column()  # renewed by the worker's heartbeat
 
 
 class ApiKey(Base):
