@@ -7,11 +7,12 @@ bundled model.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parents[1]
 # The bundled model: the reduced ("parity"-size) X-Decoder trained by `make train-demo` on the synthetic
@@ -38,8 +39,15 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
     max_image_bytes: int = 100 * 1024 * 1024  # ingested files and downloads
     max_image_pixels: int = 64_000_000  # decompression-bomb guard: larger images are refused
-    allow_private_urls: bool = False  # ingest URLs resolving to private/loopback addresses
+    allow_private_urls: bool = False  # fetched URLs resolving to private/loopback addresses
+    # Folders that sources submitted over HTTP may name (the CLI reads what its user names); none by
+    # default: a job over HTTP reads only URLs. A JSON list, or paths separated by commas or os.pathsep.
+    source_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    fetch_timeout: float = Field(default=20.0, gt=0)  # seconds for a whole download, redirects included
     allowed_origins: list[str] = Field(default_factory=list)
+    # A worker's hold on its job: renewed every third of it, taken over by another worker once it
+    # lapses (a killed worker's job resumes within lease + poll interval, ~12 s by default).
+    job_lease_seconds: float = Field(default=10.0, gt=0)
 
     # Label Studio: the server to push to and read task images from (a legacy token or a personal
     # access token), and how its projects are pre-labelled.
@@ -53,6 +61,17 @@ class Settings(BaseSettings):
     # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
     ml_backend_user: str = "xdlabel"
     ml_backend_password: str | None = None
+
+    @field_validator("source_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            parts = text.replace(os.pathsep, ",").split(",") if text else []
+            return [part.strip() for part in parts if part.strip()]
+        return value
 
     @property
     def uses_bundled_model(self) -> bool:
