@@ -1,8 +1,14 @@
 """SQL + FAISS together: SQL holds every vector and is the truth; indexes follow it.
 
-An index is loaded from disk only after its manifest agrees with SQL (count, sum and max of
-ids); a stale index is brought up to date by adding and removing the ids that differ, and a
-missing or corrupt one is rebuilt from the vectors in SQL.
+Freshness comes from the change log: database triggers append every insert, update and delete of
+an embedding, whatever wrote it, to ``embedding_changes`` with a ``seq`` that grows in commit order.
+A saved index records the last ``seq`` it covers; opening it, or refreshing a loaded one, applies
+only the log rows past that position (adds: their vectors from SQL; deletes: their ids). A missing,
+corrupt or inconsistent index is rebuilt from SQL, streamed in chunks.
+
+An index that outgrows its kind (flat past ``exact_max``; IVF whose size moved by ``retrain_factor``
+since training) is rebuilt in a background thread from SQL, brought up to date from the log and
+swapped in; searches keep using the old index meanwhile and never wait for the build.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +26,12 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from index.filters import Filters, filtered_ids
-from index.models import Embedding, Image
+from index.models import Embedding, EmbeddingChange, Image
 from index.vectors import IndexParams, Manifest, VectorIndex
 
 log = logging.getLogger(__name__)
 KINDS = ("image", "region")
+CHUNK = 5_000  # rows per SQL round trip when streaming vectors (also under SQLite's parameter limit)
 
 
 def to_bytes(vector: np.ndarray) -> bytes:
@@ -65,7 +72,8 @@ class NewEmbedding:
 
 
 class Owners:
-    """Embedding id -> image id of one index, in memory: image hits need no SQL round trip."""
+    """Embedding id -> image id of one index, in memory: image hits need no SQL round trip.
+    Holds exactly the ids in the index, so it also answers "is this id indexed?"."""
 
     def __init__(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")
@@ -73,12 +81,25 @@ class Owners:
         self.image_ids = np.asarray(image_ids, np.int64)[order]
 
     def add(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
+        ids, image_ids = np.asarray(ids, np.int64), np.asarray(image_ids, np.int64)
+        if not len(ids):
+            return
+        if not len(self.ids) or (ids.min() > self.ids[-1] and np.all(np.diff(ids) > 0)):
+            # new rows have the largest ids (never reused): append, no re-sort
+            self.ids, self.image_ids = np.concatenate([self.ids, ids]), np.concatenate([self.image_ids, image_ids])
+            return
         merged = Owners(np.concatenate([self.ids, ids]), np.concatenate([self.image_ids, image_ids]))
         self.ids, self.image_ids = merged.ids, merged.image_ids
 
     def remove(self, ids: np.ndarray) -> None:
         keep = ~np.isin(self.ids, ids)
         self.ids, self.image_ids = self.ids[keep], self.image_ids[keep]
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        if not len(self.ids):
+            return np.zeros(np.shape(ids), dtype=bool)
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+        return np.asarray(self.ids[pos] == ids)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """Image id of each embedding id; -1 where unknown."""
@@ -88,155 +109,286 @@ class Owners:
         return np.where(self.ids[pos] == ids, self.image_ids[pos], -1)
 
 
+@dataclass
+class _Live:
+    """A loaded index, its owners and the log position both cover. Replaced whole on a swap."""
+
+    index: VectorIndex
+    owners: Owners
+    position: int
+    dim: int
+    checked: float
+
+
+def _where(model_version_id: int, kind: str) -> tuple[Any, Any]:
+    return Embedding.model_version_id == model_version_id, Embedding.kind == kind
+
+
 class RetrievalStore:
     def __init__(self, sessions: sessionmaker[Session], index_dir: Path, params: IndexParams | None = None,
                  refresh_seconds: float | None = 5.0) -> None:
-        """``refresh_seconds``: how often a loaded index is compared with SQL, so vectors written
+        """``refresh_seconds``: how often a loaded index reads the change log, so vectors written
         by other processes (ingest workers) become searchable; None never checks again."""
         self.sessions = sessions
         self.index_dir = Path(index_dir)
         self.params = params or IndexParams()
         self.refresh_seconds = refresh_seconds
-        self._indexes: dict[tuple[int, str], VectorIndex] = {}
-        self._owners: dict[tuple[int, str], Owners] = {}
-        self._checked: dict[tuple[int, str], float] = {}
-        self._lock = threading.Lock()
+        self.chunk = CHUNK
+        self._live: dict[tuple[int, str], _Live] = {}
+        self._locks: dict[tuple[int, str], threading.RLock] = {}
+        self._builds: dict[tuple[int, str], threading.Thread] = {}
+        self._lock = threading.Lock()  # guards the three dicts
 
     # -- indexes ------------------------------------------------------------------------------
 
     def _path(self, model_version_id: int, kind: str) -> Path:
         return self.index_dir / f"mv{model_version_id}-{kind}.faiss"
 
-    def _sql_manifest(self, session: Session, model_version_id: int, kind: str) -> tuple[int, int, int]:
-        count, total, top = session.execute(
-            select(func.count(Embedding.id), func.coalesce(func.sum(Embedding.id), 0),
-                   func.coalesce(func.max(Embedding.id), 0))
-            .where(Embedding.model_version_id == model_version_id, Embedding.kind == kind)).one()
-        return int(count), int(total), int(top)
-
-    def _vectors(self, session: Session, ids: Iterable[int] | None, model_version_id: int,
-                 kind: str) -> tuple[np.ndarray, np.ndarray]:
-        query = select(Embedding.id, Embedding.vector).where(
-            Embedding.model_version_id == model_version_id, Embedding.kind == kind)
-        if ids is not None:
-            query = query.where(Embedding.id.in_(list(ids)))
-        rows = session.execute(query.order_by(Embedding.id)).all()
-        if not rows:
-            return np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
-        return (np.array([r[0] for r in rows], dtype=np.int64),
-                np.stack([from_bytes(r[1]) for r in rows]))
+    def _key_lock(self, key: tuple[int, str]) -> threading.RLock:
+        with self._lock:
+            return self._locks.setdefault(key, threading.RLock())
 
     def index(self, model_version_id: int, kind: str, dim: int) -> VectorIndex:
-        """The index of (model version, kind), verified against SQL on first use in this process."""
-        key = (model_version_id, kind)
-        with self._lock:
-            if key not in self._indexes:
-                self._indexes[key], report = self._open(model_version_id, kind, dim)
-                self._owners[key] = self._load_owners(model_version_id, kind)
-                self._checked[key] = time.monotonic()
-                log.info("index mv%s-%s %s (%d vectors)", model_version_id, kind, report.action, report.count)
-            elif self.refresh_seconds is not None and time.monotonic() - self._checked[key] >= self.refresh_seconds:
-                self._refresh(key)
-            return self._indexes[key]
+        """The index of (model version, kind), checked against the change log on first use in
+        this process and every ``refresh_seconds`` after."""
+        return self._get((model_version_id, kind), dim).index
 
-    def _refresh(self, key: tuple[int, str]) -> None:
-        """Catch a loaded index up with SQL (rows other processes wrote or deleted)."""
-        self._checked[key] = time.monotonic()
-        owners, index = self._owners[key], self._indexes[key]
+    def _get(self, key: tuple[int, str], dim: int) -> _Live:
+        live = self._live.get(key)
+        if live is None:
+            with self._key_lock(key):
+                live = self._live.get(key)
+                if live is None:
+                    live, report = self._open(key, dim)
+                    self._live[key] = live
+                    log.info("index mv%s-%s %s (%d vectors)", *key, report.action, report.count)
+                    self._maybe_grow(key)
+            return live
+        if self.refresh_seconds is not None and time.monotonic() - live.checked >= self.refresh_seconds:
+            lock = self._key_lock(key)
+            if lock.acquire(blocking=False):  # busy (catch-up, swap, save): search what is loaded
+                try:
+                    self._catch_up(key)
+                finally:
+                    lock.release()
+        return self._live[key]
+
+    def _catch_up(self, key: tuple[int, str]) -> None:
+        """Apply the change log past the loaded index's position (rows other processes wrote or
+        deleted). Caller holds the key's lock."""
+        live = self._live[key]
+        live.checked = time.monotonic()
         with self.sessions() as session:
-            if self._sql_manifest(session, *key) == (len(owners.ids), int(owners.ids.sum()),
-                                                     int(owners.ids.max(initial=0))):
-                return
-            rows = session.execute(select(Embedding.id, Embedding.image_id).where(
-                Embedding.model_version_id == key[0], Embedding.kind == key[1])).all()
-            sql = np.array(rows, dtype=np.int64).reshape(-1, 2)
-            extra = np.setdiff1d(owners.ids, sql[:, 0])
-            missing = np.setdiff1d(sql[:, 0], owners.ids)
-            index.remove(extra)
-            owners.remove(extra)
-            ids, vectors = self._vectors(session, missing.tolist(), *key)
+            position, added, removed = self._apply_log(session, key, live.index, live.owners, live.position)
+        live.position = position
+        if added or removed:
+            log.info("index mv%s-%s caught up with the change log: +%d -%d", *key, added, removed)
+            self._maybe_grow(key)
+
+    def _apply_log(self, session: Session, key: tuple[int, str], index: VectorIndex, owners: Owners,
+                   position: int) -> tuple[int, int, int]:
+        """Bring ``index``/``owners`` from ``position`` to the end of the log; idempotent, so it
+        may start from a position some of whose later changes the index already has.
+        Returns (new position, added, removed)."""
+        rows = session.execute(select(EmbeddingChange.seq, EmbeddingChange.embedding_id, EmbeddingChange.op)
+                               .where(EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
+                                      EmbeddingChange.seq > position)
+                               .order_by(EmbeddingChange.seq)).all()
+        if not rows:
+            return position, 0, 0
+        last: dict[int, str] = {}
+        deleted: set[int] = set()
+        for _, embedding_id, op in rows:
+            last[embedding_id] = op
+            if op == "delete":
+                deleted.add(embedding_id)
+        gone = np.array(sorted(deleted), dtype=np.int64)
+        removed = index.remove(gone)
+        owners.remove(gone)
+        wanted = np.array(sorted(i for i, op in last.items() if op == "add"), dtype=np.int64)
+        wanted = wanted[~owners.contains(wanted)]  # already added by this process
+        added = 0
+        for ids, image_ids, vectors in self._vectors(session, key, wanted.tolist()):
             index.add(ids, vectors)
-            pairs = sql[np.isin(sql[:, 0], ids)]
-            owners.add(pairs[:, 0], pairs[:, 1])
-        log.info("index mv%s-%s caught up with SQL: +%d -%d", *key, len(ids), len(extra))
+            owners.add(ids, image_ids)
+            added += len(ids)
+        return int(rows[-1][0]), added, removed
 
-    def sync(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
-        with self._lock:
-            self._indexes.pop((model_version_id, kind), None)
-            index, report = self._open(model_version_id, kind, dim)
-            self._indexes[(model_version_id, kind)] = index
-            self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
-            self._checked[(model_version_id, kind)] = time.monotonic()
-            return report
+    def _vectors(self, session: Session, key: tuple[int, str], ids: Iterable[int] | None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ids, image ids, vectors) of the given ids, or of all rows of ``key``, in chunks."""
+        columns = select(Embedding.id, Embedding.image_id, Embedding.vector).where(*_where(*key))
+        if ids is not None:
+            wanted = list(ids)
+            queries = (columns.where(Embedding.id.in_(wanted[i:i + self.chunk]))
+                       for i in range(0, len(wanted), self.chunk))
+            for query in queries:
+                rows = session.execute(query).all()
+                if rows:
+                    yield _arrays(rows)
+            return
+        after = -1
+        while True:  # keyset pagination on (model_version_id, kind, id): one chunk in memory at a time
+            rows = session.execute(columns.where(Embedding.id > after).order_by(Embedding.id).limit(self.chunk)).all()
+            if not rows:
+                return
+            after = int(rows[-1][0])
+            yield _arrays(rows)
 
-    def _load_owners(self, model_version_id: int, kind: str) -> Owners:
+    def _log_end(self, session: Session) -> int:
+        return int(session.scalar(select(func.coalesce(func.max(EmbeddingChange.seq), 0))) or 0)
+
+    def _count(self, session: Session, key: tuple[int, str]) -> int:
+        return int(session.scalar(select(func.count(Embedding.id)).where(*_where(*key))) or 0)
+
+    def _open(self, key: tuple[int, str], dim: int) -> tuple[_Live, SyncReport]:
+        path = self._path(*key)
+        VectorIndex.remove_stale_temps(path)
         with self.sessions() as session:
-            rows = session.execute(select(Embedding.id, Embedding.image_id).where(
-                Embedding.model_version_id == model_version_id, Embedding.kind == kind)).all()
-        array = np.array(rows, dtype=np.int64).reshape(-1, 2)
-        return Owners(array[:, 0], array[:, 1])
-
-    def _open(self, model_version_id: int, kind: str, dim: int) -> tuple[VectorIndex, SyncReport]:
-        path = self._path(model_version_id, kind)
-        with self.sessions() as session:
-            count, total, top = self._sql_manifest(session, model_version_id, kind)
             try:
                 index, manifest = VectorIndex.load(path, self.params)
                 if index.dim != dim:
                     raise ValueError(f"dimension {index.dim} != {dim}")
+                if manifest.position > self._log_end(session):
+                    raise ValueError(f"covers change {manifest.position}, past the end of this database's log")
             except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:
                 if path.exists():
                     log.warning("index %s unusable (%s); rebuilding from SQL", path, err)
-                return self._rebuild(session, model_version_id, kind, dim)
-            log.debug("manifest %s vs SQL %s", manifest, (count, total, top))
-            if (manifest.count, manifest.id_sum, manifest.id_max) == (count, total, top):
-                return index, SyncReport("loaded", count)
-            # Stale: apply the difference.
-            sql_ids = np.array(session.scalars(select(Embedding.id).where(
-                Embedding.model_version_id == model_version_id, Embedding.kind == kind)).all(), dtype=np.int64)
-            have = index.ids()
-            extra = np.setdiff1d(have, sql_ids)
-            missing = np.setdiff1d(sql_ids, have)
-            index.remove(extra)
-            ids, vectors = self._vectors(session, missing.tolist(), model_version_id, kind)
-            index.add(ids, vectors)
-            index.save(path)
-            return index, SyncReport("updated", index.ntotal, added=len(ids), removed=len(extra))
+                return self._rebuild(session, key, dim)
+            owners = self._owners_of(session, key, index.ids())
+            position, added, removed = self._apply_log(session, key, index, owners, manifest.position)
+            count = self._count(session, key)
+            # A file that disagrees with SQL after the log (a database restored from a backup, a
+            # log pruned past it) is not trusted: rebuild.
+            if index.ntotal != count or (owners.image_ids < 0).any():
+                log.warning("index %s disagrees with SQL (%d vectors, SQL %d); rebuilding", path, index.ntotal, count)
+                return self._rebuild(session, key, dim)
+        live = _Live(index, owners, position, dim, time.monotonic())
+        if not (added or removed):
+            return live, SyncReport("loaded", index.ntotal)
+        index.save(path, position)
+        return live, SyncReport("updated", index.ntotal, added=added, removed=removed)
 
-    def _rebuild(self, session: Session, model_version_id: int, kind: str, dim: int
-                 ) -> tuple[VectorIndex, SyncReport]:
-        ids, vectors = self._vectors(session, None, model_version_id, kind)
-        index = VectorIndex.build(dim, ids, vectors if len(ids) else np.zeros((0, dim), np.float32), self.params)
-        index.save(self._path(model_version_id, kind))
-        return index, SyncReport("rebuilt", index.ntotal, added=len(ids))
+    def _owners_of(self, session: Session, key: tuple[int, str], ids: np.ndarray) -> Owners:
+        """Owners of exactly ``ids``; ids no longer in SQL get image -1 (the log removes them)."""
+        rows = session.execute(select(Embedding.id, Embedding.image_id).where(*_where(*key))).all()
+        sql = Owners(*np.array(rows, dtype=np.int64).reshape(-1, 2).T)
+        return Owners(ids, sql.lookup(np.asarray(ids, np.int64)))
+
+    def _build(self, session: Session, key: tuple[int, str], dim: int) -> tuple[VectorIndex, Owners, int]:
+        """A new index from SQL, streamed, up to date with the log at the end (not locked: the
+        caller swaps it in). IVF is trained on a random sample of the rows."""
+        position = self._log_end(session)  # every change up to here is in what is read below
+        all_ids = np.array(session.scalars(select(Embedding.id).where(*_where(*key))).all(), dtype=np.int64)
+        sample = np.zeros((0, dim), np.float32)
+        if len(all_ids) > self.params.exact_max:
+            chosen = np.random.default_rng(0).choice(all_ids, min(len(all_ids), self.params.train_sample),
+                                                     replace=False)
+            sample = np.concatenate([v for _, _, v in self._vectors(session, key, np.sort(chosen).tolist())])
+        index = VectorIndex.empty(dim, len(all_ids), sample, self.params)
+        del sample
+        parts = []
+        for ids, image_ids, vectors in self._vectors(session, key, None):
+            index.add(ids, vectors)
+            parts.append((ids, image_ids))
+        owners = Owners(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
+                        np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+        position, _, _ = self._apply_log(session, key, index, owners, position)
+        return index, owners, position
+
+    def _rebuild(self, session: Session, key: tuple[int, str], dim: int) -> tuple[_Live, SyncReport]:
+        index, owners, position = self._build(session, key, dim)
+        index.save(self._path(*key), position)
+        return _Live(index, owners, position, dim, time.monotonic()), SyncReport("rebuilt", index.ntotal,
+                                                                                  added=index.ntotal)
+
+    # -- following the data's size --------------------------------------------------------------
+
+    def _maybe_grow(self, key: tuple[int, str]) -> None:
+        """Start a background rebuild when the loaded index has outgrown its kind."""
+        live = self._live.get(key)
+        if live is None or not live.index.outgrown():
+            return
+        with self._lock:
+            running = self._builds.get(key)
+            if running is not None and running.is_alive():
+                return
+            thread = threading.Thread(target=self._grow, args=(key, live.dim), daemon=True,
+                                      name=f"index-build-mv{key[0]}-{key[1]}")
+            self._builds[key] = thread
+        log.info("index mv%s-%s: %d vectors outgrew its %s index; rebuilding in the background",
+                 *key, live.index.ntotal, live.index.kind)
+        thread.start()
+
+    def _grow(self, key: tuple[int, str], dim: int) -> None:
+        try:
+            with self.sessions() as session:
+                index, owners, position = self._build(session, key, dim)
+            index.save(self._path(*key), position)  # nobody else holds the new index yet: no lock
+            with self._key_lock(key), self.sessions() as session:
+                # changes committed during the save, then the swap: searches move to the new index
+                position, _, _ = self._apply_log(session, key, index, owners, position)
+                old = self._live.get(key)
+                self._live[key] = _Live(index, owners, position, dim, time.monotonic())
+            log.info("index mv%s-%s: swapped %s (%d) for %s (%d vectors)", *key, old.index.kind if old else "-",
+                     old.index.ntotal if old else 0, index.kind, index.ntotal)
+        except Exception:  # the old index keeps serving; the next growth check tries again
+            log.exception("background rebuild of index mv%s-%s failed", *key)
+
+    def building(self, model_version_id: int, kind: str) -> bool:
+        thread = self._builds.get((model_version_id, kind))
+        return thread is not None and thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for background rebuilds; True when none is left running."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in list(self._builds.values()):
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._builds.values())
+
+    # -- explicit sync, rebuild, save -----------------------------------------------------------
+
+    def sync(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
+        """Reopen the saved index and bring it up to date (what a fresh process would do)."""
+        key = (model_version_id, kind)
+        with self._key_lock(key):
+            self._live.pop(key, None)
+            live, report = self._open(key, dim)
+            self._live[key] = live
+        self._maybe_grow(key)
+        return report
 
     def rebuild(self, model_version_id: int, kind: str, dim: int) -> SyncReport:
-        with self._lock, self.sessions() as session:
-            index, report = self._rebuild(session, model_version_id, kind, dim)
-            self._indexes[(model_version_id, kind)] = index
-        self._owners[(model_version_id, kind)] = self._load_owners(model_version_id, kind)
-        self._checked[(model_version_id, kind)] = time.monotonic()
+        key = (model_version_id, kind)
+        with self._key_lock(key), self.sessions() as session:
+            live, report = self._rebuild(session, key, dim)
+            self._live[key] = live
         return report
 
     def save(self) -> dict[tuple[int, str], Manifest]:
-        with self._lock:
-            return {key: index.save(self._path(*key)) for key, index in self._indexes.items()}
+        saved = {}
+        for key in list(self._live):
+            with self._key_lock(key):
+                live = self._live[key]
+                saved[key] = live.index.save(self._path(*key), live.position)
+        return saved
 
     # -- writes -------------------------------------------------------------------------------
 
     def add_embeddings(self, session: Session, model_version_id: int, dims: Mapping[str, int],
                        items: Sequence[NewEmbedding]) -> list[int]:
         """Insert rows in ``session``'s transaction (with whatever else it holds) and commit, then
-        add them to the indexes. ``dims`` gives the vector dimension of each kind.
+        add them to the loaded indexes. ``dims`` gives the vector dimension of each kind.
 
-        A crash between the commit and the index update leaves the index stale, which the next
-        ``index()`` in any process repairs from SQL.
+        A crash between the commit and the index update loses nothing: the rows are in the change
+        log, which every process applies at its next refresh or start.
         """
         unknown = {item.kind for item in items} - set(KINDS)
         if unknown:
             raise ValueError(f"kind must be one of {KINDS}, got {sorted(unknown)}")
-        # Open (or rebuild) the indexes before the commit, so the new rows are added exactly once.
-        indexes = {kind: self.index(model_version_id, kind, dims[kind]) for kind in {item.kind for item in items}}
+        kinds = {item.kind for item in items}
+        for kind in kinds:
+            self._get((model_version_id, kind), dims[kind])  # opened (or rebuilt) before the new rows exist
         rows = []
         for item in items:
             dim = dims[item.kind]
@@ -248,13 +400,16 @@ class RetrievalStore:
                                   score=item.score, label=item.label))
         session.add_all(rows)
         session.commit()
-        for kind in KINDS:
+        for kind in kinds:
             chosen = [(row, item.vector) for row, item in zip(rows, items, strict=True) if item.kind == kind]
-            if chosen:
-                ids = np.array([row.id for row, _ in chosen], dtype=np.int64)
-                indexes[kind].add(ids, np.stack([vector for _, vector in chosen]))
-                self._owners[(model_version_id, kind)].add(
-                    ids, np.array([row.image_id for row, _ in chosen], dtype=np.int64))
+            ids = np.array([row.id for row, _ in chosen], dtype=np.int64)
+            key = (model_version_id, kind)
+            with self._key_lock(key):
+                live = self._live[key]
+                new = ~live.owners.contains(ids)  # a concurrent catch-up may have added them already
+                live.index.add(ids[new], np.stack([vector for _, vector in chosen])[new])
+                live.owners.add(ids[new], np.array([row.image_id for row, _ in chosen], dtype=np.int64)[new])
+            self._maybe_grow(key)
         return [row.id for row in rows]
 
     def remove_images(self, session: Session, image_ids: Sequence[int]) -> int:
@@ -264,11 +419,12 @@ class RetrievalStore:
         session.execute(delete(Embedding).where(Embedding.image_id.in_(list(image_ids))))
         session.execute(delete(Image).where(Image.id.in_(list(image_ids))))
         session.commit()
-        with self._lock:
-            for (mv, kind), index in self._indexes.items():
-                ids = np.array([d[0] for d in doomed if d[1] == mv and d[2] == kind], dtype=np.int64)
-                index.remove(ids)
-                self._owners[(mv, kind)].remove(ids)
+        for key in list(self._live):
+            ids = np.array([d[0] for d in doomed if (d[1], d[2]) == key], dtype=np.int64)
+            with self._key_lock(key):
+                live = self._live[key]
+                live.index.remove(ids)
+                live.owners.remove(ids)
         return len(doomed)
 
     # -- search -------------------------------------------------------------------------------
@@ -278,17 +434,17 @@ class RetrievalStore:
                nprobe: int | None = None) -> list[list[Hit]]:
         """Top hits per query row, best first; ``offset`` skips that many for paging."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-        index = self.index(model_version_id, kind, queries.shape[1])
+        live = self._get((model_version_id, kind), queries.shape[1])
         filters = filters or Filters()
         allowed = None
         if not filters.empty:
             with self.sessions() as session:
                 allowed = np.array(session.scalars(filtered_ids(model_version_id, kind, filters)).all(),
                                    dtype=np.int64)
-        scores, ids = index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
+        scores, ids = live.index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
         scores, ids = scores[:, offset:], ids[:, offset:]
         if kind == "image":  # image hits carry no geometry: no SQL needed
-            owners = self._owners[(model_version_id, kind)].lookup(ids)
+            owners = live.owners.lookup(ids)
             return [[Hit(int(i), int(o), float(s)) for s, i, o in zip(srow, irow, orow, strict=True)
                      if i >= 0 and o >= 0 and (min_score is None or s >= min_score)]
                     for srow, irow, orow in zip(scores, ids, owners, strict=True)]
@@ -305,3 +461,8 @@ class RetrievalStore:
                 hits.append(Hit(e.id, e.image_id, float(score), e.box, e.mask_rle, e.label))
             results.append(hits)
         return results
+
+
+def _arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
+            np.stack([from_bytes(r[2]) for r in rows]))

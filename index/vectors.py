@@ -8,18 +8,28 @@
   ``k`` falls back to exact, so a selective filter still returns ``k`` hits when ``k`` exist.
 * Adds and removes are incremental. On a GPU build with a GPU, unfiltered searches run on a GPU
   copy that is refreshed after removals (GPU indexes cannot remove); the CPU index stays the truth.
+* ``outgrown()`` says when the index no longer fits its size (flat past ``exact_max``, IVF ``retrain_factor``
+  times larger or smaller than it was trained for); the store then builds a new one in the background.
+* A saved index is one file: a header with its manifest, then the FAISS index. It is written to a
+  unique temporary name in the same folder and renamed over the old one, so concurrent savers never
+  mix one's manifest with another's vectors (the last rename wins) and a failed save leaves nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import tempfile
 import threading
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+MAGIC = b"XDLIDX1\n"
 
 @dataclass(frozen=True)
 class IndexParams:
@@ -29,22 +39,19 @@ class IndexParams:
     exact_filter_max: int = 20_000  # allowed sets up to this size are scored exactly
     train_sample: int = 100_000
     use_gpu: bool | None = None  # None: when faiss has GPUs
+    retrain_factor: float = 4.0  # an IVF index this many times larger or smaller than trained is rebuilt
+    follow_size: bool = True  # False: keep the kind chosen at build time (the old behaviour, for benches)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a saved index holds, to compare with SQL without loading it."""
+    """What a saved index holds: its kind, size, and the change-log position it covers."""
 
     dim: int
     kind: str  # flat | ivf
     count: int
-    id_sum: int
-    id_max: int
-
-    @staticmethod
-    def of_ids(dim: int, kind: str, ids: np.ndarray) -> Manifest:
-        ids = np.asarray(ids, dtype=np.int64)
-        return Manifest(dim, kind, int(ids.size), int(ids.sum()), int(ids.max(initial=0)))
+    position: int = 0  # the last embedding_changes.seq applied
+    trained: int = 0  # IVF: the number of vectors it was trained for
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -59,8 +66,9 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
 class VectorIndex:
     """Thread-safe: searches share a lock with mutations (FAISS allows concurrent searches only)."""
 
-    def __init__(self, index: faiss.Index, dim: int, params: IndexParams) -> None:
+    def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0) -> None:
         self.index, self.dim, self.params = index, dim, params
+        self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
         self._lock = threading.RLock()
         self._gpu: faiss.Index | None = None
         self._gpu_dirty = True
@@ -68,25 +76,41 @@ class VectorIndex:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
+    def empty(cls, dim: int, size: int, sample: np.ndarray, params: IndexParams | None = None) -> VectorIndex:
+        """An empty index of the kind that fits ``size`` vectors; IVF is trained on ``sample``."""
+        params = params or IndexParams()
+        if size <= params.exact_max:
+            return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim, params)
+        nlist = params.nlist or max(16, int(4 * np.sqrt(size)))
+        quantizer = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.train(_as_matrix(sample, dim))
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by id
+        # faiss's Python wrapper keeps the quantizer alive with the index
+        return cls(ivf, dim, params, trained=size)
+
+    @classmethod
     def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None
               ) -> VectorIndex:
         params = params or IndexParams()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = _as_matrix(vectors, dim) if len(ids) else np.zeros((0, dim), np.float32)
-        if len(ids) <= params.exact_max:
-            index: faiss.Index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        else:
-            nlist = params.nlist or max(16, int(4 * np.sqrt(len(ids))))
-            quantizer = faiss.IndexFlatIP(dim)
-            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = x
+        if len(ids) > params.exact_max:
             rng = np.random.default_rng(0)
             sample = x[rng.choice(len(x), size=min(len(x), params.train_sample), replace=False)]
-            ivf.train(sample)
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by id
-            index = ivf  # faiss's Python wrapper keeps the quantizer alive with the index
-        if len(ids):
-            index.add_with_ids(x, ids)
-        return cls(index, dim, params)
+        index = cls.empty(dim, len(ids), sample, params)
+        index.add(ids, x)
+        return index
+
+    def outgrown(self) -> bool:
+        """True when another kind (or a retrained IVF) fits the current size better."""
+        if not self.params.follow_size:
+            return False
+        if self.kind == "flat":
+            return self.ntotal > self.params.exact_max
+        factor = self.params.retrain_factor
+        return self.ntotal > factor * self.trained or self.ntotal * factor < self.trained
 
     @property
     def kind(self) -> str:
@@ -105,8 +129,8 @@ class VectorIndex:
                 return np.concatenate(parts) if parts else np.zeros(0, np.int64)
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
-    def manifest(self) -> Manifest:
-        return Manifest.of_ids(self.dim, self.kind, self.ids())
+    def manifest(self, position: int = 0) -> Manifest:
+        return Manifest(self.dim, self.kind, self.ntotal, position, self.trained)
 
     # -- mutation -----------------------------------------------------------------------------
 
@@ -194,28 +218,78 @@ class VectorIndex:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: Path) -> Manifest:
-        """Write ``path`` (the index) and ``path.json`` (its manifest), atomically."""
+    def save(self, path: Path, position: int = 0) -> Manifest:
+        """Write ``path``: the manifest (with the change-log ``position`` this index covers) and the
+        index in one file, through a unique temporary file that is renamed over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock:
-            manifest = self.manifest()
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            faiss.write_index(self.index, str(tmp))
-            tmp.replace(path)
-            meta = path.with_suffix(path.suffix + ".json")
-            meta.with_suffix(".tmp").write_text(json.dumps(asdict(manifest)))
-            meta.with_suffix(".tmp").replace(meta)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f, self._lock:
+                manifest = self.manifest(position)
+                header = json.dumps(asdict(manifest)).encode()
+                f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
         return manifest
 
     @classmethod
     def load(cls, path: Path, params: IndexParams | None = None) -> tuple[VectorIndex, Manifest]:
         """Raises (FileNotFoundError, RuntimeError, ValueError) on a missing or corrupt file."""
-        meta = path.with_suffix(path.suffix + ".json")
-        manifest = Manifest(**json.loads(meta.read_text()))
-        index = faiss.read_index(str(path))
+        with open(path, "rb") as f:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise ValueError(f"{path}: not an xdlabel index file")
+            size = int.from_bytes(f.read(8), "little")
+            if size > 1 << 16:
+                raise ValueError(f"{path}: corrupt header")
+            manifest = Manifest(**json.loads(f.read(size)))
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
         if not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIVF):
             raise ValueError(f"{path}: unexpected index type {type(index).__name__}")
-        loaded = cls(index, index.d, params or IndexParams())
-        if loaded.ntotal != manifest.count:
-            raise ValueError(f"{path}: holds {loaded.ntotal} vectors, manifest says {manifest.count}")
+        loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained)
+        if (loaded.ntotal, loaded.dim, loaded.kind) != (manifest.count, manifest.dim, manifest.kind):
+            raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
+                             f"manifest says {manifest}")
         return loaded, manifest
+
+    @staticmethod
+    def remove_stale_temps(path: Path) -> int:
+        """Delete temporary files that writers on this host left for ``path`` when they died."""
+        removed = 0
+        prefix = _temp_prefix(path)
+        for tmp in path.parent.glob(f"{prefix}*.tmp"):
+            pid = tmp.name[len(prefix):].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                with suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed += 1
+        return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
