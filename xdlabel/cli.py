@@ -91,7 +91,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 def _index_rebuild(args: argparse.Namespace) -> int:
     from xdlabel.services import Services
 
-    services = Services(_settings(args))
+    services = Services(_migrated(args))
     model = services.model
     reports = {kind: services.store.rebuild(model.version_id, kind, dim)
                for kind, dim in (("image", model.image_dim), ("region", model.region_dim))}
@@ -104,15 +104,56 @@ def _index_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrated(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The settings, with the database brought to the current schema (a fresh data folder works)."""
+    from index.db import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url)
+    return settings
+
+
 def _apikey_create(args: argparse.Namespace) -> int:
     from index.db import make_engine, make_session_factory
     from xdlabel.api.auth import create_api_key
 
-    engine = make_engine(_settings(args).sqlalchemy_url)
+    engine = make_engine(_migrated(args).sqlalchemy_url)
     with make_session_factory(engine)() as session:
-        key = create_api_key(session, args.name, args.scopes.split(","))
+        key = create_api_key(session, args.name, [s.strip() for s in args.scopes.split(",")])
     engine.dispose()
     print(key)
+    return 0
+
+
+def _apikey_list(args: argparse.Namespace) -> int:
+    from index.db import make_engine, make_session_factory
+    from xdlabel.api.auth import list_api_keys
+
+    engine = make_engine(_migrated(args).sqlalchemy_url)
+    with make_session_factory(engine)() as session:
+        keys = [{"id": k.id, "name": k.name, "scopes": list(k.scopes), "created_at": k.created_at.isoformat(),
+                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in list_api_keys(session)]
+    engine.dispose()
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    for k in keys:
+        state = f"revoked {k['revoked_at']}" if k["revoked_at"] else "active"
+        print(f"{k['id']:>5}  {k['name']}  {','.join(k['scopes'])}  created {k['created_at']}  {state}")
+    return 0
+
+
+def _apikey_revoke(args: argparse.Namespace) -> int:
+    from index.db import make_engine, make_session_factory
+    from xdlabel.api.auth import revoke_api_key
+
+    engine = make_engine(_migrated(args).sqlalchemy_url)
+    with make_session_factory(engine)() as session:
+        row = revoke_api_key(session, args.id)
+    engine.dispose()
+    if row is None:
+        raise ValueError(f"no API key with id {args.id}; see xdlabel apikey list")
+    print(f"API key {row.id} ({row.name}) revoked")
     return 0
 
 
@@ -133,7 +174,7 @@ def _search(args: argparse.Namespace) -> int:
     from xdlabel.search import search_text
     from xdlabel.services import Services
 
-    services = Services(_settings(args))
+    services = Services(_migrated(args))
     filters = Filters(tags=tuple(args.tag))
     result = search_text(services, args.query, k=args.k, negative=args.negative, filters=filters,
                          regions=args.regions)
@@ -196,21 +237,26 @@ def _ingest(args: argparse.Namespace) -> int:
                   f"queued{f' ({report.delivery.error})' if report.delivery.error else ''}")
         for uri, reason in report.failed.items():
             print(f"  failed: {uri}: {reason}")
-    return 1 if report.failed and not report.added else 0
+    # Failing means nothing could be used: images another ingest stored meanwhile are not failures.
+    return 1 if report.failed and not report.added and not report.duplicates else 0
 
 
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
+    import threading
+
     from index.db import upgrade
-    from xdlabel.jobs import work
+    from xdlabel.jobs import stop_on_signals, work
     from xdlabel.services import Services
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = _settings(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
-    ran = work(services, once=args.once, poll=args.poll)
+    stop = threading.Event()
+    with stop_on_signals(stop):  # SIGTERM/SIGINT: finish the batch, release the job, exit 0
+        ran = work(services, once=args.once, poll=args.poll, stop=stop)
     services.close()
     print(f"ran {ran} jobs")
     return 0
@@ -316,7 +362,8 @@ def _ls_client(settings):  # type: ignore[no-untyped-def]
 
     if not settings.ls_url or not settings.ls_token:
         raise ValueError("set XDLABEL_LS_URL and XDLABEL_LS_TOKEN (a legacy or personal access token)")
-    return LabelStudioClient(settings.ls_url, settings.ls_token)
+    return LabelStudioClient(settings.ls_url, settings.ls_token, allow_private=settings.allow_private_urls,
+                             max_seconds=settings.fetch_timeout)
 
 
 def _prelabel(args: argparse.Namespace) -> int:
@@ -336,7 +383,8 @@ def _prelabel(args: argparse.Namespace) -> int:
         default_threshold=settings.ls_score_threshold if args.threshold is None else args.threshold,
         thresholds=settings.ls_thresholds, max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels, deliver_wait=args.wait,
-        prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions))
+        prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions),
+        force=args.force, task_ids=frozenset(args.task_id or ()))
     bar = tqdm(unit="task", disable=args.json)
 
     def progress(report: PrelabelReport) -> None:
@@ -349,7 +397,11 @@ def _prelabel(args: argparse.Namespace) -> int:
     bar.close()
     services.close()
     _emit(describe(report), args.json)
-    return 0 if report.delivery.pending == 0 else 3
+    for task_id, reason in report.failed.items():
+        print(f"task {task_id} failed: {reason}", file=sys.stderr)
+    if report.delivery.error:
+        print(f"error: {report.delivery.error}", file=sys.stderr)
+    return 2 if report.delivery.auth_error else 0 if report.delivery.pending == 0 else 3
 
 
 def _ls_deliver(args: argparse.Namespace) -> int:
@@ -363,7 +415,25 @@ def _ls_deliver(args: argparse.Namespace) -> int:
     report = Outbox(make_session_factory(engine), client, settings.ls_chunk_size).deliver(wait=args.wait)
     engine.dispose()
     _emit(vars(report), args.json)
-    return 0 if report.pending == 0 else 3
+    if report.error:  # why rows are still queued: a refused token, or Label Studio down
+        print(f"error: {report.error}", file=sys.stderr)
+    return 2 if report.auth_error else 0 if report.pending == 0 else 3
+
+
+def _ls_requeue(args: argparse.Namespace) -> int:
+    from annotator.outbox import requeue
+    from index.db import make_engine, make_session_factory, upgrade
+
+    settings = _settings(args)
+    upgrade(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url)
+    with make_session_factory(engine)() as session:
+        server = settings.ls_url.rstrip("/") if settings.ls_url else None
+        count = requeue(session, server, args.project, args.task or ())
+        session.commit()
+    engine.dispose()
+    _emit({"requeued": count}, args.json)
+    return 0
 
 
 def _ls_connect(args: argparse.Namespace) -> int:
@@ -421,6 +491,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xdlabel", description=__doc__)
     parser.add_argument("--config-file", help="settings file of XDLABEL_* lines (environment variables win)")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
 
     db = sub.add_parser("db", help="database maintenance").add_subparsers(dest="db_command", required=True)
@@ -439,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--scopes", default="read,write", help="comma-separated: read, write")
     create.set_defaults(func=_apikey_create)
+    listing = apikey.add_parser("list", help="list keys: id, name, scopes, created, revoked (never the key)")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(func=_apikey_list)
+    revoke = apikey.add_parser("revoke", help="revoke a key at once (kept in the list as revoked)")
+    revoke.add_argument("id", type=int)
+    revoke.set_defaults(func=_apikey_revoke)
 
     ingest = sub.add_parser("ingest", help="add images to a dataset (one model pass each); resumable")
     ingest.add_argument("paths", nargs="+", help="folders, image files, .txt/.csv lists, COCO .json, http(s) URLs, "
@@ -458,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run queued jobs (several workers may share a PostgreSQL database)")
     worker.add_argument("--once", action="store_true", help="exit when no job is left")
-    worker.add_argument("--poll", type=float, default=2.0, help="seconds between looks for new jobs")
+    worker.add_argument("--poll", type=float, default=2.0,
+                        help="seconds between looks for new jobs (a dead worker's job is taken over within "
+                             "XDLABEL_JOB_LEASE_SECONDS + this)")
     worker.set_defaults(func=_worker)
 
     train = sub.add_parser("train", help="train X-Decoder on synthetic scenes, or fine-tune it on a Label Studio "
@@ -529,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     prelabel.add_argument("--no-captions", action="store_true")
     prelabel.add_argument("--wait", type=float, default=60.0,
                           help="seconds to keep retrying an unreachable Label Studio at the end (exit 3 if still down)")
+    prelabel.add_argument("--force", action="store_true",
+                          help="predict again tasks that already hold (or have queued) a prediction of this model "
+                               "version; it replaces the old one")
+    prelabel.add_argument("--task-id", type=int, action="append", metavar="ID",
+                          help="only this Label Studio task (repeatable; with --force: redo just these)")
     prelabel.add_argument("--json", action="store_true")
     prelabel.set_defaults(func=_prelabel)
 
@@ -552,6 +636,11 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_argument("--wait", type=float, default=0.0, help="seconds to keep retrying while it is down")
     deliver.add_argument("--json", action="store_true")
     deliver.set_defaults(func=_ls_deliver)
+    requeue = ls.add_parser("requeue", help="put failed predictions back in the outbox (then run deliver)")
+    requeue.add_argument("--project", type=int, help="only this Label Studio project's")
+    requeue.add_argument("--task", type=int, nargs="+", metavar="T", help="only these tasks'")
+    requeue.add_argument("--json", action="store_true")
+    requeue.set_defaults(func=_ls_requeue)
 
     bundle = model_sub.add_parser("bundle", help="evaluate a finished training run on held-out synthetic scenes "
                                                  "and install it as the bundled model (make train-demo)")
@@ -574,9 +663,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ValueError, OSError) as err:  # bad input: say what, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line saying what and what to do; --debug for the rest
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: {_explain(err)}", file=sys.stderr)
         return 2
+
+
+def _explain(err: BaseException) -> str:
+    """An exception as one line for the person at the terminal: what went wrong and what to do."""
+    from sqlalchemy.exc import DBAPIError
+
+    if isinstance(err, DBAPIError):
+        message = str(err.orig).strip().splitlines()[0] if str(err.orig).strip() else type(err.orig).__name__
+        if "disk is full" in message.lower() or "no space" in message.lower():
+            return f"the database is out of disk space ({message}); free space and retry"
+        if "locked" in message.lower():
+            return f"the database is busy ({message}); retry when the other writer is done"
+        return f"database error: {message}; check XDLABEL_DATABASE_URL, then run xdlabel db upgrade"
+    if isinstance(err, (ValueError, OSError, LookupError)):
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return text or type(err).__name__
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first} (run with --debug for the traceback)" if first else \
+        f"{type(err).__name__} (run with --debug for the traceback)"
 
 
 if __name__ == "__main__":
