@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from annotator.convert import coco_rle_to_mask
+from index.models import Image as ImageRow
 from tests.conftest import PARITY, Server, make_images
 from xdlabel.api.auth import create_api_key
 from xdlabel.ingest import ingest_files
@@ -33,9 +34,10 @@ def api(migrated_url: str, tmp_path: Path) -> Iterator[dict[str, object]]:
     with services.sessions() as session:
         key = create_api_key(session, "tests")
         read_only = create_api_key(session, "reader", scopes=["read"])
+        by_file = {Path(im.uri).name: im.id for im in session.query(ImageRow)}  # ingest order is not id order
     with Server(services) as url, httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=60) as client:
         yield {"client": client, "url": url, "services": services, "key": key, "read_only": read_only,
-               "alpha": report_a.added, "beta": report_b.added, "paths": paths}
+               "alpha": report_a.added, "beta": report_b.added, "paths": paths, "by_file": by_file}
     services.engine.dispose()
 
 
@@ -58,7 +60,10 @@ def test_text_search_scores_are_the_model_retrieval_scores(api) -> None:  # type
     assert len(hits) == 3 and [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     # Recompute the top hit's score from the image itself: official 0.5/0.5 ensemble.
     top = hits[0]
-    path = Path(top["uri"].removeprefix("file://"))
+    with services.sessions() as session:
+        stored = session.get(ImageRow, top["image_id"])
+        path = Path(stored.uri.removeprefix("file://"))
+    assert top["uri"] == path.name  # no root configured: the file name, never the server's path
     predictor = services.predictor
     expected = predictor.image_embeddings(predictor.encode(Image.open(path))) @ \
         predictor.text_query_embeddings(["a red circle"]).T
@@ -94,12 +99,14 @@ def test_image_search_by_id_and_upload(api) -> None:  # type: ignore[no-untyped-
     target = api["alpha"][1]
     hits = client.post("/v1/search/image", data={"image_id": target, "k": 3}).json()["hits"]
     assert hits[0]["image_id"] == target and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
-    with open(api["paths"][1], "rb") as f:
-        r = client.post("/v1/search/image", files={"file": ("x.png", f, "image/png")}, data={"k": "2"})
+    with api["services"].sessions() as session:
+        path = Path(session.get(ImageRow, target).uri.removeprefix("file://"))
+    r = client.post("/v1/search/image", files={"file": ("x.png", path.read_bytes(), "image/png")}, data={"k": "2"})
     hits = r.json()["hits"]
     assert hits[0]["image_id"] == target
     r = client.post("/v1/search/image", files={"file": ("x.png", b"not an image", "image/png")})
-    assert r.status_code == 400 and "not a readable image" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "not a readable image" in r.json()["error"]["message"]
+    assert "0x" not in r.text  # no Python reprs (<_io.BytesIO object at 0x...>)
     assert client.post("/v1/search/image", data={"image_id": 999999}).status_code == 404
     assert client.post("/v1/search/image", data={"k": 3}).status_code == 400
 
@@ -118,7 +125,7 @@ def test_region_search_returns_boxes_and_masks(api) -> None:  # type: ignore[no-
 
 def test_image_endpoints(api) -> None:  # type: ignore[no-untyped-def]
     client = api["client"]
-    image_id = api["beta"][-1]
+    image_id = api["by_file"]["imageA_320x480.png"]
     meta = client.get(f"/v1/images/{image_id}").json()
     assert (meta["width"], meta["height"]) == (480, 320) and meta["status"] == "done"
     thumb = client.get(f"/v1/images/{image_id}/thumbnail", params={"size": 64})
@@ -179,3 +186,158 @@ def test_dead_database_gives_503(tmp_path: Path) -> None:
         r = client.get("/ready")
         assert r.status_code == 503
     services.engine.dispose()
+
+
+def test_ids_beyond_64_bits_filters_and_nul_are_4xx(api) -> None:  # type: ignore[no-untyped-def]
+    """Inputs that once gave 500: ids past 2^63-1 in paths, forms and dataset_ids; a `filters` form
+    field that is not a JSON object; NUL characters (PostgreSQL refuses them in text)."""
+    client = api["client"]
+    big = 2**63
+    for path in (f"/v1/images/{big}", f"/v1/images/{big}/original", f"/v1/images/{big}/thumbnail",
+                 f"/v1/jobs/{big}", f"/v1/images/{big * 2**64}/regions"):
+        r = client.get(path)
+        assert r.status_code == 422, (path, r.text)
+    assert client.get(f"/v1/images/{big - 1}").status_code == 404
+    assert client.delete(f"/v1/datasets/{big}").status_code == 422
+    r = client.post("/v1/search/text", json={"query": "x", "filters": {"dataset_ids": [big]}})
+    assert r.status_code == 422 and "dataset_ids" in r.json()["error"]["message"]
+    r = client.post("/v1/search/text", json={"query": "x", "filters": {"dataset_ids": [big - 1]}})
+    assert r.status_code == 200 and r.json()["hits"] == []
+    assert client.post("/v1/search/image", data={"image_id": str(big)}).status_code == 422
+    for raw in ("[]", "1", '"x"', "{not json", "null", '{"tags": "a"}', '{"unknown": 1}'):
+        r = client.post("/v1/search/image", data={"image_id": str(api["alpha"][0]), "filters": raw})
+        assert r.status_code == 422 and "filters" in r.json()["error"]["message"], (raw, r.text)
+    for body in ({"query": "a\x00b"}, {"query": "x", "filters": {"tags": ["\x00"]}},
+                 {"query": "x", "filters": {"meta": {"k": "\x00"}}}):
+        r = client.post("/v1/search/text", json=body)
+        assert r.status_code == 422 and "NUL" in r.json()["error"]["message"], r.text
+    assert client.post("/v1/datasets", json={"name": "a\x00"}).status_code == 422
+    r = client.post("/v1/search/text", json={"query": "x", "filters": {"meta": {'a"b': 1}}})
+    assert r.status_code == 422  # a key that would break a JSON path
+
+
+def test_typed_meta_filters_and_offsets_agree_with_python(api) -> None:  # type: ignore[no-untyped-def]
+    """Rows hold 1, 1.0, "1", true, "abc", null, a list or nothing under the same key; every typed
+    filter must match exactly the rows Python's type-aware equality picks, on SQLite and PostgreSQL
+    alike (PostgreSQL once raised casting "abc" to float). Timestamps come back with an offset, and a
+    +05:00 created_after is compared as the instant it names."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    client, services = api["client"], api["services"]
+    ids = api["alpha"] + api["beta"]
+    values: list[object] = [1, 1.0, "1", True, "abc", None, [1], "missing"]
+    start = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    with services.sessions() as session:
+        for k, image_id in enumerate(ids):
+            row = session.get(ImageRow, image_id)
+            row.meta = {} if values[k] == "missing" else {"n": values[k]}
+            row.created_at = start + timedelta(hours=k)
+        session.commit()
+    stored = {i: client.get(f"/v1/images/{i}").json() for i in ids}
+
+    def same(a: object, b: object) -> bool:
+        if isinstance(a, bool) or isinstance(b, bool):
+            return isinstance(a, bool) and isinstance(b, bool) and a == b
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            return float(a) == float(b)
+        return type(a) is type(b) and a == b
+
+    for probe in (1, 1.0, "1", True, False, "abc", 2):
+        r = client.post("/v1/search/text", json={"query": "x", "k": 20, "filters": {"meta": {"n": probe}}})
+        assert r.status_code == 200, r.text
+        expected = {i for i in ids if "n" in stored[i]["meta"] and same(stored[i]["meta"]["n"], probe)}
+        assert {h["image_id"] for h in r.json()["hits"]} == expected, probe
+    for image in stored.values():
+        assert datetime.fromisoformat(image["created_at"]).utcoffset() == timedelta(0)
+    plus5 = datetime(2026, 6, 1, 15, 30, tzinfo=UTC).astimezone(timezone(timedelta(hours=5)))
+    assert plus5.isoformat() == "2026-06-01T20:30:00+05:00"  # read naively as UTC it would exclude every row
+    r = client.post("/v1/search/text", json={"query": "x", "k": 20,
+                                             "filters": {"created_after": plus5.isoformat()}})
+    expected = {i for i in ids if datetime.fromisoformat(stored[i]["created_at"]) >= plus5}
+    assert expected and expected != set(ids)
+    assert {h["image_id"] for h in r.json()["hits"]} == expected
+    r = client.post("/v1/search/text", json={"query": "x", "filters": {"created_after": "2026-06-01T12:00:00"}})
+    assert r.status_code == 422 and "timezone" in r.json()["error"]["message"]
+
+
+def test_ready_keys_and_cors(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """/ready says only ready without a key, the model and dialect with one, never where the database
+    is; keys are listed without hashes and revoked at once; CORS headers only when configured."""
+    client, services = api["client"], api["services"]
+    anonymous = httpx.Client(base_url=api["url"])
+    assert anonymous.get("/ready").json() == {"status": "ready"}
+    detailed = client.get("/ready").json()
+    assert detailed["model"].startswith("parity-") and detailed["database"] in ("sqlite", "postgresql")
+    url = services.engine.url
+    for secret in filter(None, (url.host, str(url.port) if url.port else None, url.database)):
+        assert secret not in anonymous.get("/ready").text and secret not in client.get("/ready").text
+    reader = httpx.Client(base_url=api["url"], headers={"X-API-Key": api["read_only"]})
+    assert reader.get("/v1/keys").status_code == 403
+    listed = client.get("/v1/keys").json()
+    assert {k["name"] for k in listed} == {"tests", "reader"}
+    assert all(set(k) == {"id", "name", "scopes", "created_at", "revoked_at"} for k in listed)
+    assert api["key"] not in client.get("/v1/keys").text
+    reader_id = next(k["id"] for k in listed if k["name"] == "reader")
+    assert reader.get("/v1/datasets").status_code == 200
+    assert client.delete(f"/v1/keys/{reader_id}").status_code == 204
+    assert reader.get("/v1/datasets").status_code == 401
+    assert next(k for k in client.get("/v1/keys").json() if k["id"] == reader_id)["revoked_at"]
+    assert client.delete("/v1/keys/999999").status_code == 404
+    origin = {"Origin": "http://127.0.0.1:9", "Access-Control-Request-Method": "POST",
+              "Access-Control-Request-Headers": "x-api-key"}
+    r = client.options("/v1/search/text", headers=origin)
+    assert "access-control-allow-origin" not in r.headers  # off by default
+    settings = Settings(data_dir=tmp_path / "cors", database_url=str(services.engine.url.render_as_string(False)),
+                        allowed_origins=["http://127.0.0.1:9"])
+    other = Services(settings)
+    with Server(other) as url, httpx.Client(base_url=url) as c:
+        r = c.options("/v1/search/text", headers=origin)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:9"
+        r = c.options("/v1/search/text", headers={**origin, "Origin": "http://127.0.0.2:9"})
+        assert "access-control-allow-origin" not in r.headers
+    other.engine.dispose()
+
+
+def test_originals_only_of_images_that_decoded(api, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A failed image's file, a done image whose file was replaced (by text, by a PNG declaring
+    12000x12000) or deleted: original and thumbnail answer 4xx with a reason, never the bytes, never 500."""
+    import struct
+    import zlib
+
+    client, services = api["client"], api["services"]
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:TOPSECRET\n")
+    with services.sessions() as session:
+        failed = ImageRow(dataset_id=session.get(ImageRow, api["alpha"][0]).dataset_id, uri=secret.as_uri(),
+                          sha256="0" * 64, status="failed", error=f"not a readable image: {secret}")
+        session.add(failed)
+        session.commit()
+        failed_id = failed.id
+    for suffix in ("original", "thumbnail"):
+        r = client.get(f"/v1/images/{failed_id}/{suffix}")
+        assert r.status_code == 404 and "TOPSECRET" not in r.text
+    shown = client.get(f"/v1/images/{failed_id}").json()
+    assert str(tmp_path) not in shown["uri"] + shown["error"] and shown["uri"] == "secret.txt"
+    # a done image whose file now holds text
+    victim = api["alpha"][2]
+    with services.sessions() as session:
+        path = Path(session.get(ImageRow, victim).uri.removeprefix("file://"))
+    original = path.read_bytes()
+    path.write_text("root:x:0:0:TOPSECRET\n")
+    for suffix in ("original", "thumbnail"):
+        r = client.get(f"/v1/images/{victim}/{suffix}")
+        assert r.status_code in (404, 422) and "TOPSECRET" not in r.text, r.text
+    # a PNG header declaring 12000x12000 (a decompression bomb): refused before decoding
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\x00" * 100_000)) + chunk(b"IEND", b"")
+    path.write_bytes(bomb)
+    r = client.get(f"/v1/images/{victim}/thumbnail", params={"size": 32})
+    assert r.status_code == 413 and "64000000-pixel limit" in r.json()["error"]["message"]
+    path.unlink()
+    assert client.get(f"/v1/images/{victim}/original").status_code == 404
+    path.write_bytes(original)
+    r = client.get(f"/v1/images/{victim}/original")
+    assert r.status_code == 200 and r.content == original and r.headers["content-type"] == "image/png"

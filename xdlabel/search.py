@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image as PILImage
@@ -15,6 +19,23 @@ from index.store import Hit, from_bytes
 from xdlabel.services import Services
 
 NEGATIVE_WEIGHT = 0.5  # score = sim(query) - 0.5 * sim(negative): linear, so exact in the index
+# One model call at a time in a server process (search and the ML backend): its memory is sized
+# for one batch, and callers wait in their worker threads, never on the event loop.
+model_lock = threading.Lock()
+
+
+def public_uri(uri: str, roots: Sequence[Path] = ()) -> str:
+    """A stored URI as API answers show it: URLs as they are; a local file as its path under the
+    source root that holds it, else its file name, never the server's absolute path."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", ""):
+        return uri
+    path = Path(unquote(parsed.path))
+    for root in roots:
+        root = Path(root).resolve()
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return path.name
 
 
 class NotFound(LookupError):
@@ -34,13 +55,15 @@ def _image_rows(services: Services, hits: list[Hit]) -> dict[int, Image]:
 
 def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: bool) -> SearchResult:
     images = _image_rows(services, hits)
+    roots = services.settings.source_roots
     out = []
     for h in hits:
         im = images.get(h.image_id)
         if im is None:
             continue
         item: dict[str, Any] = {"image_id": h.image_id, "score": round(h.score, 6), "dataset_id": im.dataset_id,
-                                "uri": im.uri, "caption": im.caption, "width": im.width, "height": im.height,
+                                "uri": public_uri(im.uri, roots), "caption": im.caption, "width": im.width,
+                                "height": im.height,
                                 "tags": sorted(t.tag for t in im.tags), "meta": im.meta}
         if regions:
             item.update(region_id=h.embedding_id, box=h.box, mask_rle=h.mask_rle)
@@ -51,7 +74,8 @@ def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: 
 def _text_vector(services: Services, text: str, negative: str | None, kind: str) -> np.ndarray:
     predictor = services.predictor
     embed = predictor.text_query_embeddings if kind == "image" else predictor.text_embeddings
-    vectors = embed([text] + ([negative] if negative else []))
+    with model_lock:
+        vectors = embed([text] + ([negative] if negative else []))
     return vectors[0] - NEGATIVE_WEIGHT * vectors[1] if negative else vectors[0]
 
 
@@ -70,7 +94,8 @@ def search_image(services: Services, *, image: PILImage.Image | None = None, ima
     model = services.model
     if image is not None:
         predictor = services.predictor
-        query = predictor.image_embeddings(predictor.encode(image))[0]
+        with model_lock:
+            query = predictor.image_embeddings(predictor.encode(image))[0]
     else:
         with services.sessions() as session:
             data = session.scalar(select(Embedding.vector).where(

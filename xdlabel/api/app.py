@@ -3,20 +3,26 @@ and the indexes load once per process (the model on first use, so /health answer
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xdlabel.api import mlbackend
-from xdlabel.api.routes import router
+from xdlabel.api.auth import header, key_row
+from xdlabel.api.limits import MULTIPART_OVERHEAD, BodyLimit
+from xdlabel.api.routes import ERRORS, router
+from xdlabel.api.schemas import ReadyOut
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -26,6 +32,23 @@ STATIC = Path(__file__).parent / "static"
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+
+
+def database_error(err: DBAPIError) -> tuple[int, str]:
+    """What a database failure means for the client: full disk, busy, refused value or down."""
+    message = str(err.orig).lower()
+    if "disk is full" in message or "no space left" in message or "could not extend file" in message:
+        return 507, "the database is out of disk space; an operator must free space, then retry"
+    if "locked" in message or "lock timeout" in message or "could not obtain lock" in message \
+            or "deadlock" in message or "statement timeout" in message:
+        return 503, "the database is busy; try again shortly"
+    if isinstance(err, IntegrityError):
+        return 409, "the request conflicts with stored data"
+    if isinstance(err, DataError):
+        return 422, "the database refused a value in the request"
+    if isinstance(err, OperationalError) or err.connection_invalidated:
+        return 503, "the database is not reachable; try again shortly"
+    return 500, "internal database error; see the server log"
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -38,9 +61,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         if owned:
             services.close()
 
-    app = FastAPI(title="xdlabel", version="1", lifespan=lifespan,
+    app = FastAPI(title="xdlabel", version="1", lifespan=lifespan, responses=ERRORS,
                   description="Text, image and region search over image corpora with X-Decoder.")
     app.state.services = services
+    settings = services.settings
+    app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    if settings.allowed_origins:  # off unless configured: browsers on other origins get no CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["X-API-Key", "Content-Type"])
     app.state.ls_connections = mlbackend.Connections()  # Label Studio servers met through /ml/setup
     app.include_router(router)
     app.include_router(mlbackend.router)
@@ -54,10 +82,19 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return _error(422, "; ".join(parts))
 
-    @app.exception_handler(OperationalError)
-    async def database_down(_: Request, exc: OperationalError) -> JSONResponse:
-        log.error("database error: %s", exc)
-        return _error(503, "the database is not reachable; try again shortly")
+    @app.exception_handler(DBAPIError)
+    async def database_failed(_: Request, exc: DBAPIError) -> JSONResponse:
+        status, message = database_error(exc)
+        log.error("database error (%d): %s", status, exc.orig)
+        return _error(status, message)
+
+    @app.exception_handler(OSError)
+    async def os_failed(_: Request, exc: OSError) -> JSONResponse:
+        if exc.errno == errno.ENOSPC:
+            log.error("disk full: %s", exc)
+            return _error(507, "the server is out of disk space; an operator must free space, then retry")
+        log.exception("unhandled OS error")
+        return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -65,19 +102,24 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         return _error(500, f"internal error ({type(exc).__name__}); see the server log")
 
     @app.get("/health", tags=["health"])
-    def health() -> dict[str, str]:
-        """Liveness: the process answers. No API key needed."""
+    async def health() -> dict[str, str]:
+        """Liveness: the process answers (on the event loop: no thread needed). No API key needed."""
         return {"status": "ok"}
 
-    @app.get("/ready", tags=["health"])
-    def ready() -> dict[str, object]:
-        """Readiness: the database answers and the model is loaded."""
+    @app.get("/ready", tags=["health"], response_model=ReadyOut, response_model_exclude_none=True)
+    def ready(key: Annotated[str | None, Depends(header)] = None) -> ReadyOut:
+        """Readiness: the database answers and the model loads. The model name and database dialect
+        only with a valid API key; never where the database is."""
         try:
             with services.engine.connect() as conn:
                 conn.execute(text("SELECT 1"))
-        except OperationalError as err:
-            raise HTTPException(503, f"database not reachable: {err.orig}") from None
-        return {"status": "ready", "model": services.model.name}
+        except DBAPIError as err:
+            status, message = database_error(err)
+            raise HTTPException(503, "not ready: " + message) from None
+        model = services.model.name
+        if key and key_row(services, key) is not None:
+            return ReadyOut(status="ready", model=model, database=services.engine.dialect.name)
+        return ReadyOut(status="ready")
 
     @app.get("/", include_in_schema=False)
     def search_page() -> FileResponse:

@@ -12,7 +12,7 @@ from fastapi.security import APIKeyHeader
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from index.models import ApiKey
+from index.models import ApiKey, utcnow
 from xdlabel.services import Services
 
 SCOPES = ("read", "write")
@@ -33,6 +33,25 @@ def create_api_key(session: Session, name: str, scopes: Sequence[str] = SCOPES) 
     return key
 
 
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def revoke_api_key(session: Session, key_id: int) -> ApiKey | None:
+    """Revokes the key (kept, with the time it was revoked); None when there is no such key."""
+    row = session.get(ApiKey, key_id)
+    if row is not None and row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.commit()
+    return row
+
+
+def key_row(services: Services, key: str) -> ApiKey | None:
+    """The live (not revoked) key with this value, or None."""
+    with services.sessions() as session:
+        return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+
+
 def services_of(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
@@ -46,8 +65,7 @@ def require(scope: str):  # type: ignore[no-untyped-def]
             return
         if not key:
             raise HTTPException(401, "missing API key: send it in the X-API-Key header")
-        with services.sessions() as session:
-            row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
+        row = key_row(services, key)
         if row is None:
             raise HTTPException(401, "invalid or revoked API key")
         if scope not in row.scopes:

@@ -30,6 +30,7 @@ from index.models import Annotation, ModelVersion
 from xdecoder.transforms import read_image
 from xdlabel.api.auth import ServicesDep
 from xdlabel.jobs import submit
+from xdlabel.search import model_lock
 from xdlabel.services import Services
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def connections_of(request: Request) -> Connections:
 ConnectionsDep = Annotated[Connections, Depends(connections_of)]
 
 
-_model_lock = threading.Lock()
+_model_lock = model_lock  # shared with search: one model call at a time per process
 
 
 def _warm_up(services: Services) -> None:

@@ -1,38 +1,64 @@
-"""/v1 routes: search, images, datasets, model versions."""
+"""/v1 routes: search, images, datasets, jobs, model versions, API keys."""
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Annotated
+import hashlib
+from pathlib import Path as FilePath
+from typing import Annotated, Any
 from urllib.parse import unquote, urlparse
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, Response
-from PIL import Image as PILImage
-from PIL import UnidentifiedImageError
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, UploadFile
+from fastapi.responses import Response
+from pydantic import ValidationError
 from sqlalchemy import func, select
 
 from index.models import Dataset, Embedding, Image, Job, ModelVersion, Prediction
 from index.repository import create_dataset, dataset_by_name
 from xdlabel import jobs
-from xdlabel.api.auth import ServicesDep, require
+from xdlabel.api.auth import ServicesDep, list_api_keys, require, revoke_api_key
+from xdlabel.api.limits import MEDIA_TYPES, decode, open_image
 from xdlabel.api.schemas import (
+    INT64_MAX,
     DatasetIn,
     DatasetOut,
+    ErrorOut,
     FilterIn,
     ImageOut,
     JobIn,
     JobOut,
+    KeyOut,
     ModelVersionOut,
+    PredictionOut,
+    RegionOut,
     SearchOut,
     TextSearchIn,
 )
-from xdlabel.search import NotFound, search_image, search_text
+from xdlabel.search import NotFound, public_uri, search_image, search_text
 from xdlabel.services import Services
+from xdlabel.sources import SourceRefused, check_sources
 
-router = APIRouter(prefix="/v1")
+# Every error answer has the same body; documented once for all routes.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": text} for code, text in (
+        (400, "bad request"), (401, "missing or invalid API key"), (403, "the key lacks the scope"),
+        (404, "not found"), (409, "conflict"), (413, "over a size limit"), (422, "invalid input"),
+        (503, "the database is busy or not reachable"), (507, "out of disk space"))}
+router = APIRouter(prefix="/v1", responses=ERRORS)
 READ, WRITE = require("read"), require("write")
+PathId = Annotated[int, Path(ge=0, le=INT64_MAX, description="a 64-bit id")]
+IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
+          "description": "the image"}}
+
+
+
+
+def _stored(services: Services, key: int, what: str) -> int:
+    """An id the database's keys can hold (PostgreSQL's are 32-bit); any other cannot exist: 404."""
+    largest = 2**31 - 1 if services.engine.dialect.name == "postgresql" else INT64_MAX
+    if key > largest:
+        raise HTTPException(404, f"{what} {key} not found")
+    return key
 
 
 # -- search ------------------------------------------------------------------------------------
@@ -53,26 +79,38 @@ def text_to_region(body: TextSearchIn, services: ServicesDep) -> SearchOut:
     return SearchOut.model_validate(result, from_attributes=True)
 
 
+def _filters(raw: str | None) -> FilterIn:
+    if not raw:
+        return FilterIn()
+    try:
+        return FilterIn.model_validate_json(raw)
+    except ValidationError as err:
+        parts = [f"filters.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}".replace("filters.: ", "filters: ")
+                 for e in err.errors(include_url=False, include_input=False)]
+        raise HTTPException(422, "; ".join(parts) + " (filters must be a JSON object)") from None
+
+
 @router.post("/search/image", response_model=SearchOut, dependencies=[READ], tags=["search"])
-async def image_to_image(services: ServicesDep, file: Annotated[UploadFile | None, File()] = None,
-                         image_id: Annotated[int | None, Form()] = None,
-                         k: Annotated[int, Form(ge=1, le=1000)] = 20, offset: Annotated[int, Form(ge=0)] = 0,
-                         min_score: Annotated[float | None, Form()] = None,
-                         filters: Annotated[str | None, Form(description="FilterIn as JSON")] = None) -> SearchOut:
-    """Images similar to an uploaded image or to a stored one (``image_id``)."""
+def image_to_image(services: ServicesDep, file: Annotated[UploadFile | None, File()] = None,
+                   image_id: Annotated[int | None, Form(ge=0, le=INT64_MAX)] = None,
+                   k: Annotated[int, Form(ge=1, le=1000)] = 20, offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
+                   min_score: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+                   filters: Annotated[str | None, Form(description="FilterIn as a JSON object")] = None
+                   ) -> SearchOut:
+    """Images similar to an uploaded image or to a stored one (``image_id``). A plain ``def``: the
+    decode and the model run in a worker thread, one model call at a time, never on the event loop."""
     if (file is None) == (image_id is None):
         raise HTTPException(400, "send exactly one of: an image file, an image_id")
-    parsed = FilterIn.model_validate_json(filters) if filters else FilterIn()
+    parsed = _filters(filters)
+    if image_id is not None:
+        _stored(services, image_id, "image")
     image = None
+    settings = services.settings
     if file is not None:
-        data = await file.read(services.settings.max_upload_bytes + 1)
-        if len(data) > services.settings.max_upload_bytes:
-            raise HTTPException(413, f"image larger than {services.settings.max_upload_bytes} bytes")
-        try:
-            image = PILImage.open(io.BytesIO(data))
-            image.load()
-        except (UnidentifiedImageError, OSError, PILImage.DecompressionBombError) as err:
-            raise HTTPException(400, f"not a readable image: {err}") from None
+        data = file.file.read(settings.max_upload_bytes + 1)
+        if len(data) > settings.max_upload_bytes:
+            raise HTTPException(413, f"image larger than {settings.max_upload_bytes} bytes (XDLABEL_MAX_UPLOAD_BYTES)")
+        image = decode(open_image(data, settings.max_image_pixels, "the uploaded file"), "the uploaded file")
     try:
         result = search_image(services, image=image, image_id=image_id, k=k, offset=offset, min_score=min_score,
                               filters=parsed.to_filters())
@@ -84,6 +122,7 @@ async def image_to_image(services: ServicesDep, file: Annotated[UploadFile | Non
 # -- images -----------------------------------------------------------------------------------
 
 def _image(services: Services, image_id: int) -> Image:
+    _stored(services, image_id, "image")
     with services.sessions() as session:
         image = session.get(Image, image_id)
         if image is None:
@@ -91,57 +130,88 @@ def _image(services: Services, image_id: int) -> Image:
         return image
 
 
-def _local_path(image: Image) -> Path:
+def _served_path(services: Services, image: Image) -> FilePath:
+    """The local file of an image that decoded at ingestion; failed or pending images, URLs and
+    anything inside the data folder (the database, indexes) are never read back."""
+    unavailable = HTTPException(404, f"the original of image {image.id} is not available")
+    if image.status != "done":
+        raise unavailable
     parsed = urlparse(image.uri)
-    path = Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else None
-    if path is None or not path.is_file():
-        raise HTTPException(404, f"the original of image {image.id} is not available ({image.uri})")
+    if parsed.scheme not in ("file", ""):
+        raise unavailable
+    path = FilePath(unquote(parsed.path)).resolve()
+    if path.is_relative_to(services.settings.data_dir.resolve()) or not path.is_file():
+        raise unavailable
     return path
 
 
+def _image_out(services: Services, image: Image) -> ImageOut:
+    values = {c: getattr(image, c) for c in ImageOut.model_fields if c != "tags"}
+    values["uri"] = public_uri(image.uri, services.settings.source_roots)
+    if image.error and values["uri"] != image.uri:  # the reason, without the server's path
+        values["error"] = image.error.replace(unquote(urlparse(image.uri).path), values["uri"])
+    return ImageOut.model_validate({**values, "tags": sorted(t.tag for t in image.tags)})
+
+
 @router.get("/images/{image_id}", response_model=ImageOut, dependencies=[READ], tags=["images"])
-def get_image(image_id: int, services: ServicesDep) -> ImageOut:
+def get_image(image_id: PathId, services: ServicesDep) -> ImageOut:
+    """An image's record; a local file's ``uri`` is its path under its source root, else its name."""
+    return _image_out(services, _image(services, image_id))
+
+
+@router.get("/images/{image_id}/original", dependencies=[READ], tags=["images"], response_class=Response,
+            responses=IMAGE_RESPONSE)
+def get_original(image_id: PathId, services: ServicesDep) -> Response:
+    """The stored file, only when it is still the image that was ingested (same bytes, decodes as a
+    JPEG, PNG, GIF, WebP, BMP or TIFF within the pixel limit), with that format's content type."""
     image = _image(services, image_id)
-    return ImageOut.model_validate({**{c: getattr(image, c) for c in ImageOut.model_fields if c != "tags"},
-                                    "tags": sorted(t.tag for t in image.tags)})
+    path = _served_path(services, image)
+    limit = services.settings.max_image_bytes
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit or hashlib.sha256(data).hexdigest() != image.sha256:
+        raise HTTPException(404, f"the original of image {image.id} changed since it was ingested")
+    with open_image(data, services.settings.max_image_pixels, f"the original of image {image.id}") as opened:
+        media = MEDIA_TYPES[str(opened.format)]
+    return Response(data, media_type=media)
 
 
-@router.get("/images/{image_id}/original", dependencies=[READ], tags=["images"])
-def get_original(image_id: int, services: ServicesDep) -> FileResponse:
-    return FileResponse(_local_path(_image(services, image_id)))
-
-
-@router.get("/images/{image_id}/thumbnail", dependencies=[READ], tags=["images"])
-def get_thumbnail(image_id: int, services: ServicesDep, size: Annotated[int, Query(ge=16, le=1024)] = 256
+@router.get("/images/{image_id}/thumbnail", dependencies=[READ], tags=["images"], response_class=Response,
+            responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                             "description": "a JPEG at most size x size"}})
+def get_thumbnail(image_id: PathId, services: ServicesDep, size: Annotated[int, Query(ge=16, le=1024)] = 256
                   ) -> Response:
     image = _image(services, image_id)
     cached = services.settings.thumbnail_dir / f"{image.sha256}-{size}.jpg"
     if not cached.is_file():
-        with PILImage.open(_local_path(image)) as original:
-            thumb = original.convert("RGB")
+        what = f"the original of image {image.id}"
+        with open_image(_served_path(services, image), services.settings.max_image_pixels, what) as original:
+            thumb = decode(original, what, size=(size, size)).convert("RGB")
             thumb.thumbnail((size, size))
             cached.parent.mkdir(parents=True, exist_ok=True)
-            thumb.save(cached, "JPEG", quality=85)
+            partial = cached.with_suffix(".part")
+            thumb.save(partial, "JPEG", quality=85)
+            partial.replace(cached)  # a reader never sees half a file
     return Response(cached.read_bytes(), media_type="image/jpeg")
 
 
-@router.get("/images/{image_id}/predictions", dependencies=[READ], tags=["images"])
-def get_predictions(image_id: int, services: ServicesDep) -> list[dict[str, object]]:
+@router.get("/images/{image_id}/predictions", response_model=list[PredictionOut], dependencies=[READ],
+            tags=["images"])
+def get_predictions(image_id: PathId, services: ServicesDep) -> list[PredictionOut]:
     _image(services, image_id)
     with services.sessions() as session:
         rows = session.scalars(select(Prediction).where(Prediction.image_id == image_id)).all()
-        return [{"id": p.id, "task": p.task, "payload": p.payload, "score": p.score,
-                 "model_version_id": p.model_version_id} for p in rows]
+        return [PredictionOut(id=p.id, task=p.task, payload=p.payload, score=p.score,
+                              model_version_id=p.model_version_id) for p in rows]
 
 
-@router.get("/images/{image_id}/regions", dependencies=[READ], tags=["images"])
-def get_regions(image_id: int, services: ServicesDep) -> list[dict[str, object]]:
+@router.get("/images/{image_id}/regions", response_model=list[RegionOut], dependencies=[READ], tags=["images"])
+def get_regions(image_id: PathId, services: ServicesDep) -> list[RegionOut]:
     _image(services, image_id)
     with services.sessions() as session:
         rows = session.scalars(select(Embedding).where(Embedding.image_id == image_id,
                                                        Embedding.kind == "region")).all()
-        return [{"id": e.id, "box": e.box, "mask_rle": e.mask_rle, "score": e.score, "label": e.label}
-                for e in rows]
+        return [RegionOut(id=e.id, box=e.box, mask_rle=e.mask_rle, score=e.score, label=e.label) for e in rows]
 
 
 # -- datasets ---------------------------------------------------------------------------------
@@ -165,8 +235,9 @@ def post_dataset(body: DatasetIn, services: ServicesDep) -> DatasetOut:
 
 
 @router.delete("/datasets/{dataset_id}", status_code=204, dependencies=[WRITE], tags=["datasets"])
-def delete_dataset(dataset_id: int, services: ServicesDep) -> Response:
+def delete_dataset(dataset_id: PathId, services: ServicesDep) -> Response:
     """Deletes the dataset with its images, predictions and vectors (SQL and index)."""
+    _stored(services, dataset_id, "dataset")
     with services.sessions() as session:
         dataset = session.get(Dataset, dataset_id)
         if dataset is None:
@@ -182,17 +253,25 @@ def delete_dataset(dataset_id: int, services: ServicesDep) -> Response:
 
 @router.post("/jobs", response_model=JobOut, status_code=201, dependencies=[WRITE], tags=["jobs"])
 def post_job(body: JobIn, services: ServicesDep) -> JobOut:
-    """Queue an ingestion job; `xdlabel worker` processes run it."""
+    """Queue an ingestion job; `xdlabel worker` processes run it. Sources are http(s) URLs, or paths
+    under XDLABEL_SOURCE_ROOTS (none by default); the data folder is never a source. The job is
+    marked restricted, so the worker checks the roots again when it reads."""
+    settings = services.settings
+    try:
+        check_sources(body.sources, roots=settings.source_roots, forbidden=[settings.data_dir])
+    except SourceRefused as err:
+        raise HTTPException(400, str(err)) from None
     with services.sessions() as session:
         try:
-            job = jobs.submit(session, body.kind, body.model_dump(exclude={"kind"}))
+            job = jobs.submit(session, body.kind, {**body.model_dump(exclude={"kind"}), "restricted": True})
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
         return JobOut.model_validate(jobs.describe(job))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[READ], tags=["jobs"])
-def get_job(job_id: int, services: ServicesDep) -> JobOut:
+def get_job(job_id: PathId, services: ServicesDep) -> JobOut:
+    _stored(services, job_id, "job")
     with services.sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -208,7 +287,8 @@ def list_jobs(services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] 
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, dependencies=[WRITE], tags=["jobs"])
-def cancel_job(job_id: int, services: ServicesDep) -> JobOut:
+def cancel_job(job_id: PathId, services: ServicesDep) -> JobOut:
+    _stored(services, job_id, "job")
     with services.sessions() as session:
         job = jobs.cancel(session, job_id)
         if job is None:
@@ -223,3 +303,23 @@ def list_models(services: ServicesDep) -> list[ModelVersionOut]:
     with services.sessions() as session:
         return [ModelVersionOut.model_validate(m, from_attributes=True)
                 for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id))]
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+@router.get("/keys", response_model=list[KeyOut], dependencies=[WRITE], tags=["keys"])
+def list_keys(services: ServicesDep) -> list[KeyOut]:
+    """Every key with its name, scopes and dates (never its hash). Needs the write scope."""
+    with services.sessions() as session:
+        return [KeyOut(id=k.id, name=k.name, scopes=list(k.scopes), created_at=k.created_at,
+                       revoked_at=k.revoked_at) for k in list_api_keys(session)]
+
+
+@router.delete("/keys/{key_id}", status_code=204, dependencies=[WRITE], tags=["keys"])
+def delete_key(key_id: PathId, services: ServicesDep) -> Response:
+    """Revokes the key at once (it is kept, marked revoked). Needs the write scope."""
+    _stored(services, key_id, "API key")
+    with services.sessions() as session:
+        if revoke_api_key(session, key_id) is None:
+            raise HTTPException(404, f"API key {key_id} not found")
+    return Response(status_code=204)

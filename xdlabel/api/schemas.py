@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from index.filters import Filters
 
+INT64_MAX = 2**63 - 1
+# An id as the database stores it (64-bit); larger numbers are refused with 422, not sent to SQL.
+Id = Annotated[int, Field(ge=0, le=INT64_MAX)]
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL characters are not allowed")
+    return value
+
+
+# Text that reaches SQL: PostgreSQL refuses NUL characters in text, so they are refused here (422).
+Text = Annotated[str, AfterValidator(_no_nul)]
+MetaKey = Annotated[str, Field(pattern=r"^[\w .:-]{1,100}$", description="letters, digits, _ . : - and spaces")]
+# Numbers within +-2^53 compare exactly as floats on both databases.
+MetaNumber = Annotated[int, Field(ge=-(2**53), le=2**53)] | Annotated[float, Field(allow_inf_nan=False)]
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error answer: ``{"error": {"status": ..., "message": ...}}``."""
+
+    error: ErrorDetail
+
 
 class FilterIn(BaseModel):
-    dataset_ids: list[int] = []
-    tags: list[str] = Field(default=[], description="every tag must be present")
-    meta: dict[str, str | int | float | bool] = Field(default={}, description="equality on metadata fields")
-    created_after: datetime | None = None
-    created_before: datetime | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_ids: list[Id] = Field(default=[], max_length=1000)
+    tags: list[Text] = Field(default=[], max_length=100, description="every tag must be present")
+    meta: dict[MetaKey, bool | MetaNumber | Text] = Field(
+        default={}, max_length=50, description="equality on metadata fields; a value matches only rows "
+                                                "holding the same JSON type (number, string or boolean)")
+    created_after: AwareDatetime | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
+    created_before: AwareDatetime | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
 
     def to_filters(self) -> Filters:
         return Filters(tuple(self.dataset_ids), tuple(self.tags), dict(self.meta), self.created_after,
@@ -23,11 +55,11 @@ class FilterIn(BaseModel):
 
 
 class TextSearchIn(BaseModel):
-    query: str = Field(min_length=1, max_length=1000)
-    negative: str | None = Field(default=None, max_length=1000, description="what the hits should not show")
+    query: Text = Field(min_length=1, max_length=1000)
+    negative: Text | None = Field(default=None, max_length=1000, description="what the hits should not show")
     k: int = Field(default=20, ge=1, le=1000)
     offset: int = Field(default=0, ge=0, le=100_000)
-    min_score: float | None = None
+    min_score: float | None = Field(default=None, allow_inf_nan=False)
     filters: FilterIn = FilterIn()
 
 
@@ -52,8 +84,8 @@ class SearchOut(BaseModel):
 
 
 class DatasetIn(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    description: str = ""
+    name: Text = Field(min_length=1, max_length=200)
+    description: Text = Field(default="", max_length=10_000)
 
 
 class DatasetOut(BaseModel):
@@ -87,11 +119,45 @@ class ModelVersionOut(BaseModel):
 
 
 class JobIn(BaseModel):
-    kind: str = "ingest"
-    dataset: str = Field(min_length=1, max_length=200)
-    sources: list[str] = Field(min_length=1, description="folders, files, .txt/.csv lists, COCO .json, URLs")
-    tags: list[str] = []
+    kind: Text = "ingest"
+    dataset: Text = Field(min_length=1, max_length=200)
+    sources: list[Annotated[Text, Field(min_length=1, max_length=4096)]] = Field(
+        min_length=1, max_length=10_000,
+        description="http(s) URLs; folders, files, .txt/.csv lists and COCO .json only under XDLABEL_SOURCE_ROOTS")
+    tags: list[Annotated[Text, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=100)
     batch_size: int = Field(default=4, ge=1, le=256)
+
+
+class KeyOut(BaseModel):
+    """An API key as listed: never its hash."""
+
+    id: int
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class ReadyOut(BaseModel):
+    status: str
+    model: str | None = Field(default=None, description="only with a valid API key")
+    database: str | None = Field(default=None, description="the SQL dialect; only with a valid API key")
+
+
+class PredictionOut(BaseModel):
+    id: int
+    task: str
+    payload: dict[str, Any]
+    score: float | None
+    model_version_id: int
+
+
+class RegionOut(BaseModel):
+    id: int
+    box: list[float] | None
+    mask_rle: dict[str, Any] | None
+    score: float | None
+    label: str | None
 
 
 class JobOut(BaseModel):
