@@ -13,7 +13,10 @@ import base64
 import io
 import json
 import random
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import tracemalloc
@@ -50,7 +53,7 @@ class Origin:
     """A test origin on 127.0.0.1 that records (path, headers) of every request it gets, and for
     the big bodies how many bytes it sent before the client went away."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.sent: dict[str, tuple[int, bool]] = {}  # path -> (bytes written, client closed early)
         self.stop = threading.Event()
@@ -117,8 +120,10 @@ class Origin:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = self.server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     def __enter__(self) -> Origin:
@@ -230,6 +235,30 @@ def test_allowed_private_connects_to_the_pinned_address_with_the_name_as_host(or
     assert body == origin.image
     assert net.connects == [("127.0.0.1", origin.port)]
     assert origin.requests[0][1]["host"] == f"images.internal:{origin.port}"
+
+
+def test_tls_verifies_the_name_while_connecting_to_the_pinned_address(tmp_path: Path) -> None:
+    """HTTPS to a name pinned to 127.0.0.1: SNI and the certificate check use the name (a
+    certificate for images.test passes for images.test, fails for other.test on the same address)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=images.test", "-days", "1",
+                    "-addext", "subjectAltName=DNS:images.test"], check=True, capture_output=True, timeout=60)
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    names: list[str | None] = []
+    server_side.sni_callback = lambda sock, name, context: names.append(name)  # type: ignore[assignment,func-returns-value]
+    with Origin(tls=server_side) as origin:
+        net = Net(origin.port, {"images.test": [["127.0.0.1"]], "other.test": [["127.0.0.1"]]})
+        fetcher = net.fetcher(allow_private=True, ssl_context=ssl.create_default_context(cafile=str(cert)))
+        assert fetcher.get(f"https://images.test:{origin.port}/image.png", max_bytes=10_000) == origin.image
+        assert names == ["images.test"] and origin.requests[0][1]["host"] == f"images.test:{origin.port}"
+        with pytest.raises(FetchError, match="certificate does not verify") as err:
+            fetcher.get(f"https://other.test:{origin.port}/image.png", max_bytes=10_000)
+        assert err.value.transient is False and net.connects == [("127.0.0.1", origin.port)] * 2
+        assert len(origin.requests) == 1
 
 
 def test_redirect_chains_are_rechecked_and_bounded(origin: Origin) -> None:
