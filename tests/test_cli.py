@@ -47,3 +47,37 @@ def test_missing_path_and_bad_checkpoint_exit_nonzero(tmp_path: Path) -> None:
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = run(["model", "info", "--config", "focalt", "--checkpoint", str(tmp_path / "missing.pt")], env)
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_fresh_data_folder_keys_and_one_line_errors(tmp_path: Path) -> None:
+    """On a fresh data folder every command that needs the database migrates it first (no `no such
+    table` traceback); keys are listed without their hash and revoked; user errors and a dead
+    database are one `error:` line (exit 2) and --debug adds the traceback; an unreachable URL among
+    ingest sources is a failed item, the run goes on."""
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_SHORT_SIDE": "128"}
+    r = run(["apikey", "create", "first", "--scopes", "read"], env)
+    assert r.returncode == 0 and r.stdout.startswith("xdl_"), r.stderr
+    key = r.stdout.strip()
+    r = run(["search", "a circle", "--json"], {**env, "XDLABEL_DATA_DIR": str(tmp_path / "fresh2")})
+    assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    r = run(["apikey", "list", "--json"], env)
+    listed = json.loads(r.stdout)
+    assert [(k["name"], k["scopes"], k["revoked_at"]) for k in listed] == [("first", ["read"], None)]
+    assert key not in r.stdout and "hash" not in r.stdout
+    r = run(["apikey", "revoke", str(listed[0]["id"])], env)
+    assert r.returncode == 0 and "revoked" in r.stdout
+    assert json.loads(run(["apikey", "list", "--json"], env).stdout)[0]["revoked_at"]
+    r = run(["apikey", "revoke", "4242"], env)
+    assert r.returncode == 2 and r.stderr.strip() == "error: no API key with id 4242; see xdlabel apikey list"
+    dead = {**env, "XDLABEL_DATABASE_URL": "postgresql+psycopg://postgres@127.0.0.1:1/none"}
+    r = run(["apikey", "list"], dead)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.stderr.startswith("error: database error:") and "XDLABEL_DATABASE_URL" in r.stderr
+    r = run(["--debug", "apikey", "list"], dead)
+    assert r.returncode == 2 and "Traceback" in r.stderr and r.stderr.strip().splitlines()[-1].startswith("error:")
+    photo = make_images(tmp_path / "photos", 1)[0]
+    r = run(["ingest", "http://127.0.0.1:1/unreachable.png", str(photo), "--dataset", "d", "--json"],
+            {**env, "XDLABEL_ALLOW_PRIVATE_URLS": "true"})
+    assert "Traceback" not in r.stderr, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["added"] == 1 and list(summary["failed"]) == ["http://127.0.0.1:1/unreachable.png"]

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _model_info(args: argparse.Namespace) -> int:
@@ -131,8 +132,9 @@ def _apikey_list(args: argparse.Namespace) -> int:
 
     engine = make_engine(_migrated(args).sqlalchemy_url)
     with make_session_factory(engine)() as session:
-        keys = [{"id": k.id, "name": k.name, "scopes": list(k.scopes), "created_at": k.created_at.isoformat(),
-                 "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in list_api_keys(session)]
+        keys: list[dict[str, Any]] = [
+            {"id": k.id, "name": k.name, "scopes": list(k.scopes), "created_at": k.created_at.isoformat(),
+             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in list_api_keys(session)]
     engine.dispose()
     if args.json:
         print(json.dumps(keys, indent=2))
