@@ -4,30 +4,49 @@ Fetching and decoding run in a thread pool ahead of the model, and writing runs 
 thread behind it, so the model never waits on I/O (PyTorch, PIL and the database drivers release
 the GIL). Each batch is written in one transaction (images, caption predictions, image and region
 vectors), so a killed job leaves whole batches; rerunning it skips what is stored (content
-sha256 per dataset) and the index is repaired from SQL at the next start. Bad inputs are stored
-as failed images with the reason, and the job carries on.
+sha256 per dataset) and the index is repaired from SQL at the next start.
+
+Any error of one item is that item's failure, with a one-line reason, and the run carries on.
+Errors that may go away (timeouts, 5xx/429, Label Studio down) are retried a few times with
+backoff first. Failures are stored as ``failed`` images in two kinds:
+
+- the bytes could not be had (network, file missing, Label Studio, model error): the row is
+  keyed by the hash of the URI and the item is tried again on every run; when it succeeds the
+  same row becomes the image (its id stays);
+- the bytes are not an image (truncated, bomb, text): the row is keyed by the content hash and
+  those bytes are skipped from then on.
+
+Writes are idempotent under concurrency: any number of processes ingesting the same images into
+one dataset end with each image once, its vectors written by the one writer that inserted it
+(``ON CONFLICT DO NOTHING``), and no run failing because of another; a locked SQLite or a
+PostgreSQL serialization failure or deadlock retries the batch's transaction.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, aliased
 
-from annotator.client import LabelStudioClient
+from annotator.client import LabelStudioClient, LabelStudioUnavailable
 from annotator.convert import mask_to_coco_rle
 from annotator.labeling import LabelingConfig, parse_labeling_config
 from annotator.outbox import DeliveryReport, Outbox, Outgoing, enqueue
 from annotator.prelabel import PrelabelSettings, predictions
-from index.models import Image, Prediction
-from index.repository import add_image, create_dataset, dataset_by_name
+from index.models import Image, ImageTag, Prediction
+from index.repository import get_or_create_dataset, insert_image_if_new
+from index.retry import is_transient_db_error, retry
 from index.store import NewEmbedding
 from xdecoder.predictor import Features, Predictor
 from xdecoder.results import Region
@@ -35,6 +54,8 @@ from xdecoder.transforms import read_image
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 from xdlabel.sources import FetchError, Item, fetch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,31 +100,73 @@ class LabelStudioPush:
 @dataclass
 class Decoded:
     item: Item
-    digest: str
+    digest: str  # the content's sha256 when ``fetched``, else the URI's (see ``uri_key``)
     rgb: np.ndarray | None = None
     mode: str | None = None
     error: str | None = None
     size: tuple[int, int] | None = None  # (width, height), upright
+    fetched: bool = False  # the bytes were read: an error is about them, and is final for them
+    transient: bool = False  # the error may go away (it was retried already)
+
+
+def uri_key(uri: str) -> str:
+    """What a failure to get an item's bytes is stored under (there is no content hash)."""
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def is_transient_fetch(err: BaseException) -> bool:
+    """Errors worth another try: a server that is down, slow, overloaded or restarting."""
+    if getattr(err, "transient", False) or isinstance(err, LabelStudioUnavailable | TimeoutError):
+        return True
+    import httpx
+
+    return isinstance(err, httpx.TransportError)  # connect, read and TLS handshake errors, timeouts
+
+
+def reason(err: BaseException) -> str:
+    """One line saying what went wrong (our own errors say it themselves; others get their type)."""
+    text = " ".join(str(err).split()) or "no details"
+    if not isinstance(err, FetchError | LabelStudioUnavailable | ValueError):
+        text = f"{type(err).__name__}: {text}"
+    return text[:500]
+
+
+def _read(item: Item, *, max_bytes: int, timeout: float, allow_private: bool, labelstudio: LabelStudioClient | None,
+          roots: Sequence[Path] | None, forbidden: Sequence[Path]) -> bytes:
+    if "ls_image" in item.meta:
+        if labelstudio is None:
+            raise FetchError(f"{item.uri}: no Label Studio connection to read it")
+        return labelstudio.read_file(item.meta["ls_image"], max_bytes)
+    guard: dict[str, Any] = {}
+    if roots is not None or forbidden:  # only when asked: the guarded fetch takes them
+        guard = {"roots": roots, "forbidden": forbidden}
+    return fetch(item.uri, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private, **guard)
 
 
 def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool,
-           labelstudio: LabelStudioClient | None = None) -> Decoded:
-    """Fetch and decode one item; never raises: a bad input comes back with ``error`` set."""
+           labelstudio: LabelStudioClient | None = None, roots: Sequence[Path] | None = None,
+           forbidden: Sequence[Path] = (), timeout: float = 20.0, attempts: int = 3) -> Decoded:
+    """Fetch and decode one item; never raises: a bad input comes back with ``error`` set.
+    ``timeout`` bounds one download; transient fetch errors are retried ``attempts`` times in all
+    with backoff."""
     try:
-        if "ls_image" in item.meta:
-            if labelstudio is None:
-                raise FetchError(f"{item.uri}: no Label Studio connection to read it")
-            data = labelstudio.read_file(item.meta["ls_image"], max_bytes)
-        else:
-            data = fetch(item.uri, max_bytes=max_bytes, allow_private=allow_private)
-    except (FetchError, OSError, ValueError) as err:
-        return Decoded(item, hashlib.sha256(item.uri.encode()).hexdigest(), error=str(err))
+        data = retry(lambda: _read(item, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private,
+                                   labelstudio=labelstudio, roots=roots, forbidden=forbidden),
+                     transient=is_transient_fetch, attempts=attempts, first_wait=0.2, max_wait=2.0, what=item.uri)
+    except Exception as err:  # noqa: BLE001 - whatever it is, it is this item's failure
+        return Decoded(item, uri_key(item.uri), error=reason(err), transient=is_transient_fetch(err))
     digest = hashlib.sha256(data).hexdigest()
     try:
         rgb, mode = read_image(data, max_pixels)
-    except ValueError as err:
-        return Decoded(item, digest, error=str(err))
-    return Decoded(item, digest, rgb, mode)
+    except Exception as err:  # noqa: BLE001
+        return Decoded(item, digest, error=reason(err), fetched=True)
+    return Decoded(item, digest, rgb, mode, fetched=True)
+
+
+def is_known(decoded: Decoded, known: set[str], retry_keys: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Whether a run can skip the item: its content is stored, and no failed row of its URI waits
+    to be resolved. Failures to fetch are never skipped (they are tried again)."""
+    return decoded.fetched and decoded.digest in known and uri_key(decoded.item.uri) not in retry_keys
 
 
 @dataclass
@@ -116,6 +179,22 @@ class InferredBatch:
     regions: list[list[Region]] | None = None
     captions: list[str] | None = None
     ls_predictions: dict[int, dict[str, object]] = field(default_factory=dict)  # batch index -> prediction
+
+    @classmethod
+    def concat(cls, parts: Sequence[InferredBatch]) -> InferredBatch:
+        """One batch holding the parts' images and failures, in order."""
+        out = cls([d for part in parts for d in part.decoded], [f for part in parts for f in part.failures])
+        done = [part for part in parts if part.decoded]
+        if done:
+            assert all(p.vectors is not None and p.regions is not None and p.captions is not None for p in done)
+            out.vectors = np.concatenate([part.vectors for part in done if part.vectors is not None])
+            out.regions = [r for part in done if part.regions is not None for r in part.regions]
+            out.captions = [c for part in done if part.captions is not None for c in part.captions]
+            offset = 0
+            for part in done:
+                out.ls_predictions.update({offset + k: v for k, v in part.ls_predictions.items()})
+                offset += len(part.decoded)
+        return out
 
 
 def infer(predictor: Predictor, batch: list[Decoded], failures: list[Decoded],
@@ -142,129 +221,253 @@ def infer(predictor: Predictor, batch: list[Decoded], failures: list[Decoded],
     return out
 
 
+def infer_each(predictor: Predictor, batch: list[Decoded], failures: list[Decoded],
+               push: LabelStudioPush | None = None) -> InferredBatch:
+    """``infer``, and when the batch's pass fails, one item at a time so that only the items the
+    model (or Label Studio's labeling config) fails on become failures: tried again next run."""
+    try:
+        return infer(predictor, batch, failures, push)
+    except Exception as err:  # noqa: BLE001
+        if len(batch) <= 1:
+            for d in batch:
+                log.warning("%s: model pass failed: %s", d.item.uri, reason(err))
+                failures.append(Decoded(d.item, uri_key(d.item.uri), error=f"model: {reason(err)}",
+                                        transient=is_transient_fetch(err)))
+            return InferredBatch([], failures)
+    return InferredBatch.concat([InferredBatch([], failures)] + [infer_each(predictor, [d], [], push) for d in batch])
+
+
+@dataclass
+class Written:
+    """What one batch's transaction did."""
+
+    added: list[int] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    stored: set[str] = field(default_factory=set)  # content hashes now in the dataset
+
+
+def _lost_race(err: BaseException) -> bool:
+    """A batch transaction worth running again: the database was busy, or another writer stored
+    one of its images in the moment between our check and our write (the rerun sees it)."""
+    if is_transient_db_error(err):
+        return True
+    text = str(getattr(err, "orig", err))
+    return isinstance(err, IntegrityError) and ("uq_images_dataset_sha256" in text or "images.sha256" in text)
+
+
 class IngestPipeline:
     def __init__(self, services: Services, dataset: str, *, batch_size: int = 4, tags: Sequence[str] = (),
                  decode_workers: int = 2, progress: Callable[[IngestReport], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, push: LabelStudioPush | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, push: LabelStudioPush | None = None,
+                 source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = (),
+                 fetch_timeout: float = 20.0) -> None:
         self.services, self.dataset, self.batch_size, self.tags = services, dataset, batch_size, tuple(tags)
         self.decode_workers, self.progress, self.should_stop = decode_workers, progress, should_stop
-        self.push = push
+        self.push, self.source_roots, self.forbidden = push, source_roots, tuple(forbidden)
+        self.fetch_timeout = fetch_timeout
         self.outbox = Outbox(services.sessions, push.client, push.chunk_size) if push else None
         self.report = IngestReport()
+        self._lock = threading.Lock()  # ``write`` may be called from several threads
 
     def prepare(self) -> set[str]:
-        """Create the dataset if needed; returns the content hashes it already holds."""
-        with self.services.sessions() as session:
-            ds = dataset_by_name(session, self.dataset) or create_dataset(session, name=self.dataset)
-            session.commit()
-            self.dataset_id = ds.id
-            self.stored = set(session.scalars(select(Image.sha256).where(Image.dataset_id == ds.id)))
+        """Create the dataset if needed; returns the content hashes it already holds. Safe against
+        another process creating the same dataset at the same moment."""
+
+        def load() -> tuple[int, set[str], set[str]]:
+            with self.services.sessions() as session:
+                ds = get_or_create_dataset(session, name=self.dataset)
+                session.commit()
+                rows = session.execute(select(Image.sha256, Image.status).where(Image.dataset_id == ds.id)).all()
+                return ds.id, {sha for sha, _ in rows}, {sha for sha, status in rows if status == "failed"}
+
+        self.dataset_id, self.stored, self.retry_keys = retry(load, what="prepare ingest")
         self.services.model  # noqa: B018 - registers the model version before any write
         return set(self.stored)
 
+    def decode(self, item: Item) -> Decoded:
+        settings = self.services.settings
+        return decode(item, max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                      allow_private=settings.allow_private_urls, labelstudio=self.push.client if self.push else None,
+                      roots=self.source_roots, forbidden=self.forbidden, timeout=self.fetch_timeout)
+
     def run(self, items: Iterable[Item]) -> IngestReport:
-        services = self.services
         known = self.prepare()
-        settings = services.settings
-        predictor = services.predictor  # load the model before the threads start
+        predictor = self.services.predictor  # load the model before the threads start
         writes: queue.Queue[InferredBatch | None] = queue.Queue(maxsize=2)
         writer_error: list[BaseException] = []
         writer = threading.Thread(target=self._write_loop, args=(writes, writer_error), daemon=True)
         writer.start()
         pending: list[Future[Decoded]] = []
-        batch: list[Decoded] = []
-        failures: list[Decoded] = []
-        seen: set[str] = set()
-        with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
-            source = iter(items)
-
-            def refill() -> None:
-                while len(pending) < 4 * self.batch_size:
-                    item = next(source, None)
-                    if item is None:
-                        return
-                    pending.append(pool.submit(decode, item, max_bytes=settings.max_image_bytes,
-                                               max_pixels=settings.max_image_pixels,
-                                               allow_private=settings.allow_private_urls,
-                                               labelstudio=self.push.client if self.push else None))
-
-            refill()
-            while pending and not writer_error:
-                decoded = pending.pop(0).result()
-                refill()
-                if decoded.digest in known or decoded.digest in seen:
-                    self.report.duplicates.append(decoded.item.uri)
-                    continue
-                seen.add(decoded.digest)
-                (failures if decoded.error else batch).append(decoded)
-                if len(batch) == self.batch_size or len(failures) >= self.batch_size:
-                    writes.put(infer(predictor, batch, failures, self.push))
-                    batch, failures = [], []
-                    if self.should_stop and self.should_stop():
-                        self.report.cancelled = True
-                        for future in pending:
-                            future.cancel()
-                        break
-            if (batch or failures) and not writer_error and not self.report.cancelled:
-                writes.put(infer(predictor, batch, failures, self.push))
-        writes.put(None)
-        writer.join()
+        try:
+            with ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode") as pool:
+                try:
+                    self._feed(iter(items), pool, pending, known, predictor, writes, writer, writer_error)
+                finally:
+                    for future in pending:  # on a stop or an error: start no more downloads
+                        future.cancel()
+        finally:  # the writer is always told to stop, and never waited on if it is gone
+            self._put(writes, None, writer)
+            writer.join()
         if writer_error:
             raise writer_error[0]
         if self.outbox is not None:  # what earlier runs queued too
             self.report.delivery = self.outbox.deliver()
         return self.report
 
+    def _feed(self, source: Iterable[Item], pool: ThreadPoolExecutor, pending: list[Future[Decoded]],
+              known: set[str], predictor: Predictor, writes: queue.Queue[InferredBatch | None],
+              writer: threading.Thread, writer_error: list[BaseException]) -> None:
+        """The main loop: keeps the decode pool busy, batches, runs the model, hands batches on."""
+        batch: list[Decoded] = []
+        failures: list[Decoded] = []
+        seen: set[str] = set()
+        items = iter(source)
+
+        def refill() -> None:
+            while len(pending) < 4 * self.batch_size:
+                item = next(items, None)
+                if item is None:
+                    return
+                pending.append(pool.submit(self.decode, item))
+
+        refill()
+        while pending and not writer_error:
+            decoded = pending.pop(0).result()
+            refill()
+            if is_known(decoded, known, self.retry_keys) or decoded.digest in seen:
+                with self._lock:
+                    self.report.duplicates.append(decoded.item.uri)
+                continue
+            seen.add(decoded.digest)
+            (failures if decoded.error else batch).append(decoded)
+            if len(batch) == self.batch_size or len(failures) >= self.batch_size:
+                if not self._put(writes, infer_each(predictor, batch, failures, self.push), writer):
+                    return
+                batch, failures = [], []
+                if self.should_stop and self.should_stop():
+                    self.report.cancelled = True
+                    return
+        if (batch or failures) and not writer_error:
+            self._put(writes, infer_each(predictor, batch, failures, self.push), writer)
+
+    @staticmethod
+    def _put(writes: queue.Queue[InferredBatch | None], batch: InferredBatch | None,
+             writer: threading.Thread) -> bool:
+        """Hands ``batch`` to the writer; False (instead of blocking forever) if the writer is gone."""
+        while writer.is_alive():
+            try:
+                writes.put(batch, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _write_loop(self, writes: queue.Queue[InferredBatch | None], errors: list[BaseException]) -> None:
         while (batch := writes.get()) is not None:
             if errors:
-                continue  # drain after a failure
+                continue  # drain after a failure; the main loop stops feeding
             try:
                 self.write(batch)
             except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                log.error("writing a batch failed: %s", reason(err))
                 errors.append(err)
 
     def write(self, batch: InferredBatch) -> None:
-        """One transaction: the batch's images, caption predictions and vectors, and its failures.
-        Content already stored (or written earlier in this run) is counted as a duplicate."""
-        model = self.services.model
-        fresh = [k for k, d in enumerate(batch.decoded) if d.digest not in self.stored]
-        self.report.duplicates += [d.item.uri for k, d in enumerate(batch.decoded) if k not in fresh]
-        self.report.duplicates += [d.item.uri for d in batch.failures if d.digest in self.stored]
-        failures = [d for d in batch.failures if d.digest not in self.stored]
-        with self.services.sessions() as session:
-            for d in failures:
-                session.add(Image(dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest, meta=d.item.meta,
-                                  status="failed", error=d.error))
-            items: list[NewEmbedding] = []
-            added = []
-            for k in fresh:
-                d = batch.decoded[k]
-                assert d.size is not None and batch.vectors is not None and batch.regions is not None
-                assert batch.captions is not None
-                row = add_image(session, dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest,
-                                width=d.size[0], height=d.size[1], mode=d.mode, meta=d.item.meta,
-                                tags=self.tags, caption=batch.captions[k])
-                session.add(Prediction(image_id=row.id, model_version_id=model.version_id, task="caption",
-                                       payload={"text": batch.captions[k]}))
-                items.append(NewEmbedding(row.id, "image", batch.vectors[k]))
-                items += [NewEmbedding(row.id, "region", r.embedding, box=list(r.box),
-                                       mask_rle=mask_to_coco_rle(r.mask), score=r.score) for r in batch.regions[k]]
-                if k in batch.ls_predictions and self.push is not None:
-                    meta = d.item.meta
-                    enqueue(session, self.push.client.url,
-                            [Outgoing(meta["ls_project"], meta["ls_task"], batch.ls_predictions[k], row.id)])
-                added.append(row.id)
-            # One transaction per batch: images, predictions and vectors land together or not at all.
-            self.services.store.add_embeddings(session, model.version_id,
-                                               {"image": model.image_dim, "region": model.region_dim}, items)
-        self.stored |= {batch.decoded[k].digest for k in fresh} | {d.digest for d in failures}
-        self.report.added += added
-        self.report.failed.update({d.item.uri: d.error or "" for d in failures})
+        """Writes one batch in one transaction (run again whole if the database was busy or another
+        writer got in between). Images already in the dataset, whoever stored them and when, and
+        repeats inside the batch count as duplicates; only images inserted here get vectors."""
+        written = retry(lambda: self._write_once(batch), transient=_lost_race, attempts=8, first_wait=0.1,
+                        max_wait=3.0, what=f"ingest batch into {self.dataset!r}")
+        with self._lock:
+            self.stored |= written.stored
+            self.report.added += written.added
+            self.report.duplicates += written.duplicates
+            self.report.failed.update(written.failed)
         if self.outbox is not None and self.outbox.counts().get("pending", 0) >= self.outbox.chunk_size:
             self.outbox.deliver()  # an outage leaves them queued for the end of the run or the next one
         if self.progress:
             self.progress(self.report)
+
+    def _write_once(self, batch: InferredBatch) -> Written:
+        """The batch's transaction, computed from the database as it is now (so a rerun is safe)."""
+        model = self.services.model
+        out = Written()
+        items: list[NewEmbedding] = []
+        # One order for every writer (by content hash), so two transactions never wait on each other.
+        work = sorted([(d.digest, k, True) for k, d in enumerate(batch.decoded)]
+                      + [(d.digest, k, False) for k, d in enumerate(batch.failures)])
+        with self.services.sessions() as session:
+            done: set[str] = set()
+            for digest, k, ok in work:
+                d = batch.decoded[k] if ok else batch.failures[k]
+                if digest in done:  # the same content twice in this batch
+                    out.duplicates.append(d.item.uri)
+                    continue
+                done.add(digest)
+                if not ok:
+                    self._write_failure(session, d, out)
+                    continue
+                image_id = self._insert_image(session, batch, k)
+                if image_id is None:
+                    out.duplicates.append(d.item.uri)
+                    out.stored.add(digest)
+                    continue
+                assert batch.vectors is not None and batch.regions is not None and batch.captions is not None
+                session.add(Prediction(image_id=image_id, model_version_id=model.version_id, task="caption",
+                                       payload={"text": batch.captions[k]}))
+                items.append(NewEmbedding(image_id, "image", batch.vectors[k]))
+                items += [NewEmbedding(image_id, "region", r.embedding, box=list(r.box),
+                                       mask_rle=mask_to_coco_rle(r.mask), score=r.score) for r in batch.regions[k]]
+                if k in batch.ls_predictions and self.push is not None:
+                    meta = d.item.meta
+                    enqueue(session, self.push.client.url,
+                            [Outgoing(meta["ls_project"], meta["ls_task"], batch.ls_predictions[k], image_id)])
+                out.added.append(image_id)
+                out.stored.add(digest)
+            # One transaction per batch: images, predictions and vectors land together or not at all.
+            self.services.store.add_embeddings(session, model.version_id,
+                                               {"image": model.image_dim, "region": model.region_dim}, items)
+        return out
+
+    def _write_failure(self, session: Session, d: Decoded, out: Written) -> None:
+        new = insert_image_if_new(session, dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest,
+                                  meta=d.item.meta, status="failed", error=d.error)
+        if new is None and d.fetched:  # these bytes failed before: remembered, skipped
+            out.duplicates.append(d.item.uri)
+            out.stored.add(d.digest)
+            return
+        if new is None:  # failed to fetch again: the row says the latest reason
+            session.execute(update(Image).where(Image.dataset_id == self.dataset_id, Image.sha256 == d.digest,
+                                                Image.status == "failed").values(error=d.error)
+                            .execution_options(synchronize_session=False))
+        out.failed[d.item.uri] = d.error or ""
+        if d.fetched:
+            out.stored.add(d.digest)
+
+    def _insert_image(self, session: Session, batch: InferredBatch, k: int) -> int | None:
+        """The new image's id, or None when the dataset holds its content. A failed row of the same
+        URI (it could not be fetched before) becomes the image, keeping its id."""
+        d = batch.decoded[k]
+        assert d.size is not None and batch.captions is not None
+        values: dict[str, Any] = {"uri": d.item.uri, "width": d.size[0], "height": d.size[1], "mode": d.mode,
+                                  "meta": d.item.meta, "caption": batch.captions[k]}
+        placeholder, other = uri_key(d.item.uri), aliased(Image)
+        adopted = session.scalar(
+            update(Image).where(Image.dataset_id == self.dataset_id, Image.sha256 == placeholder,
+                                Image.status == "failed",
+                                ~exists().where(other.dataset_id == self.dataset_id, other.sha256 == d.digest))
+            .values(sha256=d.digest, status="done", error=None, **values).returning(Image.id)
+            .execution_options(synchronize_session=False))
+        if adopted is not None:
+            session.add_all([ImageTag(image_id=adopted, tag=t) for t in dict.fromkeys(self.tags)])
+            return adopted
+        new = insert_image_if_new(session, dataset_id=self.dataset_id, sha256=d.digest, tags=self.tags, **values)
+        if new is None:  # stored already: a failed row of this URI is stale now
+            session.execute(delete(Image).where(Image.dataset_id == self.dataset_id, Image.sha256 == placeholder,
+                                                Image.status == "failed")
+                            .execution_options(synchronize_session=False))
+        return new
 
 
 def ingest_files(services: Services, dataset: str, paths: Sequence[Path], *, batch_size: int = 4,
