@@ -7,11 +7,19 @@ For each size, on clustered synthetic unit vectors (seeded) and 1000 held-out qu
 * xdlabel service path: RetrievalStore.search, i.e. the index plus SQL (SQLite) hydration of hits;
 * xdlabel HTTP path: POST /v1/search/text on a real server (includes encoding the query text with
   a small random-weight text encoder, so its latency is an upper bound for the HTTP layer);
-* hnswlib HNSW (M=16, ef tuned to the same recall), the peer library users pick instead.
+* hnswlib HNSW (M=16, ef tuned to the same recall), the peer library users pick instead (optional:
+  pip install xdlabel[bench]; the row is skipped without it).
 Reported: build time, index memory, p50/p99 single-query latency, batched QPS, recall@10.
-Not a test; prints a table.
 
-    python bench/search.py [--sizes 100000 1000000] [--queries 1000]
+Growth (--growth N): vectors arrive the way ingestion writes them (RetrievalStore.add_embeddings,
+one batch at a time) until N, past exact_max. Two stores follow the same SQLite database: one as
+shipped, which switches flat -> IVF (and retrains IVF at 4x its training size) in the background,
+and one with follow_size=False, the old behaviour, which stays flat. Per-query latency and
+recall@10 of both, before and after, and the searches made while the background build ran.
+Not a test; prints tables.
+
+    python bench/search.py [--sizes 100000 1000000] [--queries 1000] [--growth 100000]
+    python bench/search.py --sizes --growth 60000      # the growth run only
 """
 
 from __future__ import annotations
@@ -179,7 +187,11 @@ def run_size(n: int, num_queries: int, rows: list[dict[str, object]]) -> None:
         engine.dispose()
 
     # peer: hnswlib
-    import hnswlib
+    try:
+        import hnswlib
+    except ImportError:
+        print("hnswlib not installed (pip install 'xdlabel[bench]'): no HNSW row", flush=True)
+        return
 
     start = time.perf_counter()
     peer = hnswlib.Index(space="ip", dim=DIM)
@@ -256,14 +268,109 @@ def http_row(n: int, url: str, tmp: str, nprobe: int, params: object, queries: n
             "qps": 1 / float(np.mean(times)), "recall": float("nan"), "note": "sequential requests"}
 
 
+def run_growth(target: int, exact_max: int, num_queries: int, batch: int = 1000) -> None:
+    """Ingestion-style adds past exact_max: the shipped store vs the old behaviour (stays flat)."""
+    import dataclasses
+
+    from sqlalchemy import insert
+
+    from index.db import make_engine, make_session_factory, upgrade
+    from index.models import Image
+    from index.repository import create_dataset, get_or_create_model_version
+    from index.store import NewEmbedding, RetrievalStore
+    from index.vectors import IndexParams
+
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((max(100, target // 200), DIM)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x = clustered(target, 1, centers)
+    queries = clustered(num_queries, 2, centers)
+    shipped = IndexParams(exact_max=exact_max, nprobe=8)
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/growth.db"
+        upgrade(url)
+        engine = make_engine(url)
+        sessions = make_session_factory(engine)
+        with sessions() as session:
+            mv = get_or_create_model_version(session, name="growth", checkpoint_sha256="0" * 64, embedding_dim=DIM)
+            ds = create_dataset(session, name="growth")
+            session.commit()
+            mv_id, ds_id = mv.id, ds.id
+        stores = {"shipped (follows size)": RetrievalStore(sessions, Path(tmp) / "new", shipped, refresh_seconds=0),
+                  "old (kind fixed at build)": RetrievalStore(sessions, Path(tmp) / "old",
+                                                              dataclasses.replace(shipped, follow_size=False),
+                                                              refresh_seconds=0)}
+        writer = next(iter(stores.values()))
+        during: list[float] = []
+
+        def measure(label: str, n: int) -> None:
+            exact = faiss.IndexFlatIP(DIM)
+            exact.add(x[:n])
+            truth = exact.search(queries, 10)[1] + 1
+            for name, store in stores.items():
+                store.refresh_seconds = 0
+                store.search(mv_id, "image", queries[:1], 10)  # catch up with the log first
+                store.refresh_seconds = 5.0  # the default: no log read per query below
+                index = store.index(mv_id, "image", DIM)
+
+                def service(q: np.ndarray, store: RetrievalStore = store) -> list[list[int]]:
+                    return [[h.image_id for h in hits] for hits in store.search(mv_id, "image", q, 10)]
+
+                p50, p99 = latencies(service, queries)
+                rows.append({"when": label, "n": n, "store": name, "kind": f"{index.kind}"
+                             + (f" nlist {index.index.nlist}" if index.kind == "ivf" else ""),
+                             "p50_ms": p50, "p99_ms": p99, "recall": recall_at_10(np.array(service(queries)), truth)})
+
+        start = time.perf_counter()
+        for first in range(0, target, batch):
+            stop = min(target, first + batch)
+            with sessions() as session:
+                session.execute(insert(Image), [{"id": i + 1, "dataset_id": ds_id, "uri": f"file:///{i}.jpg",
+                                                 "sha256": f"{i:064x}", "meta": {}, "status": "done"}
+                                                for i in range(first, stop)])
+                writer.add_embeddings(session, mv_id, {"image": DIM},
+                                      [NewEmbedding(i + 1, "image", x[i]) for i in range(first, stop)])
+            if writer.building(mv_id, "image"):
+                t = time.perf_counter()
+                writer.search(mv_id, "image", queries[first % num_queries][None], 10)  # not blocked by the build
+                during.append(time.perf_counter() - t)
+            if stop == exact_max:
+                measure("before (n = exact_max)", stop)
+        ingest = time.perf_counter() - start
+        writer.wait()
+        measure("after ingestion", target)
+        engine.dispose()
+    print(f"\ngrowth by ingestion: {target} vectors of dim {DIM} added in batches of {batch} through "
+          f"RetrievalStore.add_embeddings ({ingest:.0f}s), exact_max {exact_max}, nprobe {shipped.nprobe}, "
+          f"{len(queries)} queries one at a time")
+    header = f"{'when':<24}{'n':>9}  {'store':<28}{'index':<16}{'p50 ms':>9}{'p99 ms':>9}{'R@10':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['when']:<24}{r['n']:>9}  {r['store']:<28}{r['kind']:<16}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+              f"{r['recall']:>7.3f}")
+    if during:
+        print(f"{len(during)} searches made while a background build ran (one per batch): "
+              f"p50 {np.percentile(during, 50) * 1e3:.2f} ms, max {max(during) * 1e3:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--growth", type=int, default=100_000, help="grow an index to this size by ingestion (0: skip)")
+    parser.add_argument("--exact-max", type=int, default=None, help="exact_max of the growth run (default: shipped)")
     args = parser.parse_args()
+    if args.growth:
+        from index.vectors import IndexParams
+
+        run_growth(args.growth, args.exact_max or IndexParams().exact_max, min(args.queries, 300))
     rows: list[dict[str, object]] = []
     for n in args.sizes:
         run_size(n, args.queries, rows)
+    if not rows:
+        return
     print(f"\nvector search, dim {DIM}, clustered unit vectors, {args.queries} queries, "
           f"{faiss.omp_get_max_threads()} threads; latency = one query at a time; QPS = one batch of all queries")
     header = f"{'n':>9}  {'path':<38}{'build s':>9}{'mem MB':>9}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>10}{'R@10':>7}"
