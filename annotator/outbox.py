@@ -112,8 +112,9 @@ def _payload(row: Row) -> dict[str, Any]:
 
 
 def _holds(client: LabelStudioClient, row: Row) -> bool:
-    try:
-        return any(p.get("model_version") == row.model_version for p in client.predictions_of(row.task_id))
+    try:  # one try: the whole chunk is what is retried
+        found = client.call(client.sdk.predictions.list, task=row.task_id)
+        return any(p.model_version == row.model_version for p in found)
     except LabelStudioError:  # the task is gone: the send will fail the row with the reason
         return False
 
@@ -218,7 +219,7 @@ class Outbox:
             token, ids = retry(self._claim, what="outbox claim")
             if not ids:
                 if self._held_by_others() and time.monotonic() < deadline:
-                    time.sleep(0.5)  # until they deliver them or their leases expire
+                    time.sleep(0.25)  # until they deliver them or their leases expire
                     continue
                 break
             try:
