@@ -73,40 +73,49 @@ class NewEmbedding:
 
 class Owners:
     """Embedding id -> image id of one index, in memory: image hits need no SQL round trip.
-    Holds exactly the ids in the index, so it also answers "is this id indexed?"."""
+    Holds exactly the ids in the index, so it also answers "is this id indexed?". Both arrays are
+    replaced together (one attribute), so a search reading them while a catch-up writes sees
+    either the old pair or the new one."""
 
     def __init__(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")
-        self.ids = np.asarray(ids, np.int64)[order]
-        self.image_ids = np.asarray(image_ids, np.int64)[order]
+        self._pair = (np.asarray(ids, np.int64)[order], np.asarray(image_ids, np.int64)[order])
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._pair[0]
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        return self._pair[1]
 
     def add(self, ids: np.ndarray, image_ids: np.ndarray) -> None:
         ids, image_ids = np.asarray(ids, np.int64), np.asarray(image_ids, np.int64)
         if not len(ids):
             return
-        if not len(self.ids) or (ids.min() > self.ids[-1] and np.all(np.diff(ids) > 0)):
+        have, owners = self._pair
+        if not len(have) or (ids.min() > have[-1] and np.all(np.diff(ids) > 0)):
             # new rows have the largest ids (never reused): append, no re-sort
-            self.ids, self.image_ids = np.concatenate([self.ids, ids]), np.concatenate([self.image_ids, image_ids])
+            self._pair = (np.concatenate([have, ids]), np.concatenate([owners, image_ids]))
             return
-        merged = Owners(np.concatenate([self.ids, ids]), np.concatenate([self.image_ids, image_ids]))
-        self.ids, self.image_ids = merged.ids, merged.image_ids
+        self._pair = Owners(np.concatenate([have, ids]), np.concatenate([owners, image_ids]))._pair
 
     def remove(self, ids: np.ndarray) -> None:
-        keep = ~np.isin(self.ids, ids)
-        self.ids, self.image_ids = self.ids[keep], self.image_ids[keep]
+        have, owners = self._pair
+        keep = ~np.isin(have, ids)
+        self._pair = (have[keep], owners[keep])
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
-        if not len(self.ids):
-            return np.zeros(np.shape(ids), dtype=bool)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return np.asarray(self.ids[pos] == ids)
+        return np.asarray(self.lookup(ids, missing=None) >= 0)
 
-    def lookup(self, ids: np.ndarray) -> np.ndarray:
-        """Image id of each embedding id; -1 where unknown."""
-        if not len(self.ids):
+    def lookup(self, ids: np.ndarray, missing: int | None = -1) -> np.ndarray:
+        """Image id of each embedding id; -1 where unknown (``missing=None``: the positions, for
+        ``contains``)."""
+        have, owners = self._pair
+        if not len(have):
             return np.full(np.shape(ids), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # no copies: O(k log n)
-        return np.where(self.ids[pos] == ids, self.image_ids[pos], -1)
+        pos = np.minimum(np.searchsorted(have, ids), len(have) - 1)  # no copies: O(k log n)
+        return np.where(have[pos] == ids, pos if missing is None else owners[pos], -1)
 
 
 @dataclass
@@ -209,8 +218,8 @@ class RetrievalStore:
         wanted = wanted[~owners.contains(wanted)]  # already added by this process
         added = 0
         for ids, image_ids, vectors in self._vectors(session, key, wanted.tolist()):
+            owners.add(ids, image_ids)  # owners first: a concurrent search never finds an id it cannot place
             index.add(ids, vectors)
-            owners.add(ids, image_ids)
             added += len(ids)
         return int(rows[-1][0]), added, removed
 
@@ -344,7 +353,7 @@ class RetrievalStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in list(self._builds.values()):
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in self._builds.values())
+        return not any(t.is_alive() for t in list(self._builds.values()))
 
     # -- explicit sync, rebuild, save -----------------------------------------------------------
 
@@ -407,8 +416,8 @@ class RetrievalStore:
             with self._key_lock(key):
                 live = self._live[key]
                 new = ~live.owners.contains(ids)  # a concurrent catch-up may have added them already
-                live.index.add(ids[new], np.stack([vector for _, vector in chosen])[new])
                 live.owners.add(ids[new], np.array([row.image_id for row, _ in chosen], dtype=np.int64)[new])
+                live.index.add(ids[new], np.stack([vector for _, vector in chosen])[new])
             self._maybe_grow(key)
         return [row.id for row in rows]
 
