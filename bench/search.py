@@ -303,6 +303,11 @@ def run_growth(target: int, exact_max: int, num_queries: int, batch: int = 1000)
                                                               refresh_seconds=0)}
         writer = next(iter(stores.values()))
         during: list[float] = []
+        swaps: list[str] = []
+
+        def shape() -> str:
+            index = writer.index(mv_id, "image", DIM)
+            return f"ivf nlist {index.index.nlist}" if index.kind == "ivf" else "flat"
 
         def measure(label: str, n: int) -> None:
             exact = faiss.IndexFlatIP(DIM)
@@ -325,12 +330,15 @@ def run_growth(target: int, exact_max: int, num_queries: int, batch: int = 1000)
         start = time.perf_counter()
         for first in range(0, target, batch):
             stop = min(target, first + batch)
+            before = shape() if first else ""
             with sessions() as session:
                 session.execute(insert(Image), [{"id": i + 1, "dataset_id": ds_id, "uri": f"file:///{i}.jpg",
                                                  "sha256": f"{i:064x}", "meta": {}, "status": "done"}
                                                 for i in range(first, stop)])
                 writer.add_embeddings(session, mv_id, {"image": DIM},
                                       [NewEmbedding(i + 1, "image", x[i]) for i in range(first, stop)])
+            if first and shape() != before:
+                swaps.append(f"{before} -> {shape()} (seen after the batch ending at {stop})")
             if writer.building(mv_id, "image"):
                 t = time.perf_counter()
                 writer.search(mv_id, "image", queries[first % num_queries][None], 10)  # not blocked by the build
@@ -350,6 +358,8 @@ def run_growth(target: int, exact_max: int, num_queries: int, batch: int = 1000)
     for r in rows:
         print(f"{r['when']:<24}{r['n']:>9}  {r['store']:<28}{r['kind']:<16}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
               f"{r['recall']:>7.3f}")
+    print(f"shipped store, without any rebuild call: {'; '.join(swaps) or 'no swap during ingestion'}; "
+          f"after ingestion and the last build: {rows[-2]['kind']}")
     if during:
         print(f"{len(during)} searches made while a background build ran (one per batch): "
               f"p50 {np.percentile(during, 50) * 1e3:.2f} ms, max {max(during) * 1e3:.2f} ms")
