@@ -258,7 +258,7 @@ def _worker(args: argparse.Namespace) -> int:
     services = Services(settings)
     stop = threading.Event()
     with stop_on_signals(stop):  # SIGTERM/SIGINT: finish the batch, release the job, exit 0
-        ran = work(services, once=args.once, poll=args.poll, stop=stop)
+        ran = work(services, once=args.once, poll=args.poll, stop=stop, preload=not args.once)
     services.close()
     print(f"ran {ran} jobs")
     return 0

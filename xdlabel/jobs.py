@@ -360,11 +360,14 @@ def stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 
 def work(services: Services, *, once: bool = False, poll: float = 2.0, worker: str | None = None,
-         lease_seconds: float | None = None, stop: threading.Event | None = None) -> int:
-    """Claim and run jobs until ``stop`` is set (or, with ``once``, until none is left). Returns jobs run."""
+         lease_seconds: float | None = None, stop: threading.Event | None = None, preload: bool = False) -> int:
+    """Claim and run jobs until ``stop`` is set (or, with ``once``, until none is left). Returns jobs run.
+    ``preload``: load the model first, so that a job taken over from a dead worker resumes at once."""
     name = worker or f"{socket.gethostname()}:{os.getpid()}"
     seconds = lease_seconds or services.settings.job_lease_seconds
     stop = stop or threading.Event()
+    if preload:
+        services.model  # noqa: B018 - loads the model and registers its version
     log.info("worker %s: looks for jobs every %.1f s; leases of %.1f s", name, poll, seconds)
     ran = 0
     while not stop.is_set():
