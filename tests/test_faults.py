@@ -87,11 +87,11 @@ def check_invariants(url: str, data_dir: Path, corpus: Corpus, api: str, key: st
             assert set(done.values()) == corpus.good, "an image was lost"
             assert corpus.bad_uris <= failed, f"bad items not recorded as failed: {corpus.bad_uris - failed}"
             vectors = Counter(s.scalars(select(Embedding.image_id).where(Embedding.kind == "image")))
-            assert vectors == Counter(done), "image vectors != images"
+            assert vectors == Counter(list(done)), "image vectors != images"
             assert not s.scalar(select(func.count()).select_from(Embedding).where(
                 Embedding.image_id.not_in(list(done)))), "vectors of a failed image"
             captions = Counter(s.scalars(select(Prediction.image_id).where(Prediction.task == "caption")))
-            assert captions == Counter(done), "caption predictions != images"
+            assert captions == Counter(list(done)), "caption predictions != images"
             for job in s.scalars(select(Job)):
                 assert job.state == "done", f"job {job.id} ended {job.state}: {job.error}"
                 assert job.total is not None and job.done + job.failed == job.total, \
