@@ -223,7 +223,7 @@ class Outbox:
                     continue
                 break
             try:
-                retry(lambda: self._process(token, ids, report, versions),  # noqa: B023 - called at once
+                retry(lambda: self._attempt(token, ids, report, versions),  # noqa: B023 - called at once
                       transient=lambda e: is_unavailable(e) or is_transient_db_error(e), attempts=self.attempts,
                       first_wait=self.backoff, max_wait=10 * self.backoff, what="outbox chunk")
             except BaseException:
@@ -240,6 +240,13 @@ class Outbox:
         with self.sessions() as session:
             return bool(session.scalar(select(func.count()).select_from(Row).where(
                 Row.server == self.client.url, Row.state.in_(OPEN), Row.lease_expires_at >= utcnow())))
+
+    def _attempt(self, token: str, ids: list[int], report: DeliveryReport, versions: set[tuple[int, str]]) -> None:
+        try:
+            self._process(token, ids, report, versions)
+        except LabelStudioUnavailable as err:
+            self.client.pause(err)  # what Retry-After asked for, before the backoff
+            raise
 
     def _process(self, token: str, ids: list[int], report: DeliveryReport, versions: set[tuple[int, str]]) -> None:
         """One chunk: safe to call again after any failure (what was done is not done twice)."""
@@ -262,6 +269,12 @@ class Outbox:
             self._send(token, [r for r in rows if r.project_id == project_id], report, versions)
 
     def _send(self, token: str, rows: list[Row], report: DeliveryReport, versions: set[tuple[int, str]]) -> None:
+        # Renewed before every request (a chunk being halved makes several): no row is sent after
+        # its lease could have passed to another deliverer.
+        owned = set(self._fenced(token, [r.id for r in rows], lease_expires_at=utcnow() + self.lease))
+        rows = [r for r in rows if r.id in owned]
+        if not rows:
+            return
         try:
             report.requests += 1
             self.client.import_predictions(rows[0].project_id, [_payload(r) for r in rows])
@@ -271,7 +284,6 @@ class Outbox:
         except LabelStudioUnavailable as err:
             if not err.sent:
                 self._fenced(token, [r.id for r in rows], state="pending")
-            self.client.pause(err)
             raise
         except LabelStudioError as err:
             if len(rows) == 1:  # a bad row (its task deleted, a result Label Studio refuses)
