@@ -36,21 +36,27 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.limit):
             await self._refuse(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        body_left = (length not in (None, b"0")) or b"transfer-encoding" in headers
         seen = 0
         started = False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, body_left
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                body_left = body_left and message.get("more_body", False)
                 if seen > self.limit:
                     raise BodyTooLarge(self.limit)
             return message
 
         async def tracked(message: Message) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if body_left:  # answered before the body ended: close rather than drain the rest
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:
