@@ -333,7 +333,10 @@ class RetrievalStore:
         try:
             with self.sessions() as session:
                 index, owners, position = self._build(session, key, dim)
-            index.save(self._path(*key), position)  # nobody else holds the new index yet: no lock
+            try:
+                index.save(self._path(*key), position)  # nobody else holds the new index yet: no lock
+            except OSError as err:  # a full disk must not keep the better index from serving
+                log.warning("could not save the rebuilt index mv%s-%s: %s", *key, err)
             with self._key_lock(key), self.sessions() as session:
                 # changes committed during the save, then the swap: searches move to the new index
                 position, _, _ = self._apply_log(session, key, index, owners, position)

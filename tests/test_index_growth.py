@@ -390,3 +390,52 @@ def test_kill_during_save_then_open_matches_sql(tmp_path: Path) -> None:
     print(f"kill -9 of a saving process: {left_temps} of 6 kills landed inside a save")
     assert left_temps >= 1, "no kill landed inside a save; the test did not test it"
     engine.dispose()
+
+
+def test_slow_concurrent_transactions_are_never_skipped(migrated_url: str, tmp_path: Path) -> None:
+    """Three writer threads insert vectors and hold their transactions open for a random 0-30 ms before
+    committing (so they commit out of the order they inserted in), 40 transactions in all, while a
+    reader store catches up with the log continuously. A log numbered at insert time would let the
+    reader move past a change that commits later and miss it for good; afterwards the reader must
+    hold exactly SQL's ids."""
+    engine, sessions, mv, dataset = setup_db(migrated_url)
+    with sessions() as s:
+        images = [add_image(s, dataset_id=dataset, uri=f"file:///{i}", sha256=f"{i:064x}").id for i in range(40)]
+        s.commit()
+    reader = RetrievalStore(sessions, tmp_path / "index", refresh_seconds=0)
+    reader.index(mv, "image", DIM)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        own = make_engine(migrated_url)
+        try:
+            for i in range(worker, 40, 3):
+                with make_session_factory(own)() as s:
+                    s.add(Embedding(model_version_id=mv, image_id=images[i], kind="image",
+                                    vector=to_bytes(clustered(1, seed=i)[0])))
+                    s.flush()  # the row (and on an insert-time log, its seq) exists now
+                    time.sleep(float(rng.uniform(0, 0.03)))
+                    s.commit()
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+        finally:
+            own.dispose()
+
+    def read() -> None:
+        while not stop.is_set():
+            reader.index(mv, "image", DIM)
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(3)]
+    follower = threading.Thread(target=read)
+    follower.start()
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join(60)
+    stop.set()
+    follower.join(10)
+    assert not errors, errors
+    assert_matches_sql(reader, sessions, mv, clustered(5, seed=8))
+    engine.dispose()
