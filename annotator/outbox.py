@@ -64,7 +64,8 @@ def enqueue(session: Session, server: str, items: Iterable[Outgoing]) -> int:
     version is deleted before it is sent. The caller commits. Returns how many rows were written."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     written = 0
-    for item in items:
+    # In one order everywhere: two transactions taking the same keys in opposite orders deadlock.
+    for item in sorted(items, key=lambda i: (i.project_id, i.task_id, i.prediction["model_version"])):
         values = {"server": server, "project_id": item.project_id, "task_id": item.task_id,
                   "model_version": item.prediction["model_version"], "result": item.prediction["result"],
                   "score": item.prediction.get("score"), "image_id": item.image_id, "state": "pending",

@@ -422,3 +422,40 @@ def test_prelabel_fails_unreadable_tasks_alone_and_force_redoes_one(
     assert after[redo][0]["result"] == held[redo][0]["result"]  # same model, same image: same prediction
     assert all(after[t] == held[t] for t in good if t != redo)
     engine.dispose()
+
+
+def _enqueue_all(engine: Any, order: list[Outgoing], size: int, added: list[int], errors: list[BaseException]) -> None:
+    try:
+        with make_session_factory(engine)() as session:
+            for start in range(0, len(order), size):
+                added.append(enqueue(session, "http://ls", order[start:start + size]))
+                session.commit()
+    except BaseException as err:  # noqa: BLE001 - reported by the test
+        errors.append(err)
+
+
+def test_concurrent_enqueuers_never_fail(migrated_url: str) -> None:
+    """5 seeded trials: 4 threads (each its own engine) enqueue the same 40 predictions at once, in
+    shuffled order and transactions of random size. No enqueuer fails, each prediction is stored
+    once, and the counts they report as new add up to 40."""
+    rng = random.Random(5)
+    for trial in range(5):
+        version = f"enq-{trial}"
+        items = [Outgoing(1, t, {"result": [], "score": 0.1, "model_version": version}) for t in range(40)]
+        engines = [make_engine(migrated_url) for _ in range(4)]
+        added: list[int] = []
+        errors: list[BaseException] = []
+
+        threads = [threading.Thread(target=_enqueue_all, args=(e, rng.sample(items, len(items)), rng.randint(1, 15),
+                                                               added, errors)) for e in engines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == [] and sum(added) == 40, (errors, added)
+        with make_session_factory(engines[0])() as session:
+            stored = session.execute(select(Row.task_id, func.count()).where(Row.model_version == version)
+                                     .group_by(Row.task_id)).all()
+        assert sorted(stored) == [(t, 1) for t in range(40)]
+        for engine in engines:
+            engine.dispose()
