@@ -187,16 +187,13 @@ def test_a_reused_id_is_seen_as_a_new_vector(migrated_url: str, tmp_path: Path) 
     engine.dispose()
 
 
-def test_an_index_grown_by_ingestion_switches_kind_in_the_background(tmp_path: Path) -> None:
+def test_an_index_grown_by_ingestion_switches_kind_in_the_background(migrated_url: str, tmp_path: Path) -> None:
     """exact_max lowered to 500; 80-image batches are ingested one at a time through one store (the
     worker) while two threads search through it and through a second store (the API process) all the
     time. Without any rebuild call, both end on an IVF index with recall@10 >= 0.9 against brute
     force over SQL; every concurrent search succeeds, some while a background build runs; then the
     IVF index, grown past 4x what it was trained for, is retrained with more lists."""
-    url = f"sqlite:///{tmp_path / 'g.db'}"
-    from index.db import upgrade
-
-    upgrade(url)
+    url = migrated_url
     engine, sessions, mv, dataset = setup_db(url)
     params = IndexParams(exact_max=500, nprobe=16)
     worker = RetrievalStore(sessions, tmp_path / "index", params, refresh_seconds=0)
