@@ -341,3 +341,41 @@ def test_originals_only_of_images_that_decoded(api, tmp_path: Path) -> None:  # 
     path.write_bytes(original)
     r = client.get(f"/v1/images/{victim}/original")
     assert r.status_code == 200 and r.content == original and r.headers["content-type"] == "image/png"
+
+
+def test_disk_full_and_locked_database_are_named(tmp_path: Path) -> None:
+    """Real SQLite failures, not strings: a database capped by max_page_count ("database or disk is
+    full") maps to 507, a write lock held by another connection ("database is locked") to 503 busy,
+    a refused connection to 503 not reachable; the answers never hold the error's Python repr."""
+    import sqlite3
+
+    from sqlalchemy import create_engine, event, text
+    from sqlalchemy.exc import OperationalError
+
+    from xdlabel.api.app import database_error
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'full.db'}")
+
+    @event.listens_for(engine, "connect")
+    def _small(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+        dbapi_connection.execute("PRAGMA max_page_count=8")
+
+    with pytest.raises(OperationalError) as full, engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x BLOB)"))
+        conn.execute(text("INSERT INTO t VALUES (randomblob(100000))"))
+    assert database_error(full.value) == (507, "the database is out of disk space; an operator must free space, "
+                                                "then retry")
+    holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    locked_engine = create_engine(f"sqlite:///{tmp_path / 'locked.db'}", connect_args={"timeout": 0.1})
+    with pytest.raises(OperationalError) as locked, locked_engine.begin() as conn:
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+    holder.close()
+    status, message = database_error(locked.value)
+    assert status == 503 and "busy" in message
+    dead = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none")
+    with pytest.raises(OperationalError) as refused:
+        dead.connect()
+    status, message = database_error(refused.value)
+    assert status == 503 and "not reachable" in message and "0x" not in message

@@ -66,3 +66,55 @@ def test_search_page_shows_hits_and_masks(page_server: tuple[str, str], tmp_path
         page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
         assert not errors, errors
         browser.close()
+
+
+def test_stored_html_is_shown_as_text_never_run(tmp_path: Path) -> None:
+    """A caption, a dataset name and metadata holding <img onerror>, <script> and <svg onload>
+    payloads that would set window.__pwned: after a search the page shows them literally, nothing
+    ran, no element came from them, and the API key is not in localStorage."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    from index.db import upgrade
+    from index.models import Dataset, Image
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    services = Services(Settings(data_dir=tmp_path / "data", database_url=url, short_side=128))
+    payloads = {"caption": '<img src=x onerror="window.__pwned=\'caption\'">',
+                "dataset": "<script>window.__pwned='dataset'</script>",
+                "meta": '<svg onload="window.__pwned=\'meta\'"></svg>'}
+    ingest_files(services, "plain", make_images(tmp_path / "photos", 2))
+    with services.sessions() as session:
+        session.get(Dataset, 1).name = payloads["dataset"]
+        for image in session.query(Image):
+            image.caption, image.meta = payloads["caption"], {"note": payloads["meta"]}
+        session.commit()
+        key = create_api_key(session, "browser")
+    try:
+        with Server(services) as base, sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(base + "/")
+            page.fill("#key", key)
+            page.fill("#query", "a circle")
+            page.click("button[type=submit]")
+            page.wait_for_selector(".hit img[src^='blob:']", timeout=30_000)
+            page.wait_for_timeout(500)  # an onerror/onload would have fired by now
+            assert page.evaluate("window.__pwned") is None
+            assert page.locator(".hit").count() == 2
+            assert page.locator(".hit .caption").first.inner_text() == payloads["caption"]
+            assert page.locator(".hit .dataset").first.inner_text() == payloads["dataset"]
+            assert page.locator(".hit .meta").first.inner_text() == f"note: {payloads['meta']}"
+            # the only elements inside the cards are the ones the page made
+            assert page.evaluate("document.querySelectorAll('#results script, #results svg').length") == 0
+            assert page.evaluate("document.querySelectorAll('#results img').length") == 2
+            assert page.evaluate("Object.keys(localStorage).length") == 0
+            assert page.evaluate("sessionStorage.getItem('xdlabel-key')") == key
+            assert not errors, errors
+            browser.close()
+    finally:
+        services.engine.dispose()

@@ -145,6 +145,10 @@ def test_nothing_outside_the_root_is_ever_served(world: dict[str, Any]) -> None:
         assert dirty == []
         served = [response for response in responses if response.url.path.endswith("/original")
                   and response.status_code == 200]
+        hits = client.post("/v1/search/text", json={"query": "x", "k": 50},
+                           headers={"X-API-Key": world["read"]}).json()["hits"]
+        # under the root: the path relative to it; the CLI's photos are in the root too
+        assert {h["uri"] for h in hits} == {f"photos/{p.name}" for p in (root / "photos").iterdir()}
         photos = {p.read_bytes() for p in (root / "photos").iterdir()}
         assert len(served) == 2 * done and all(response.content in photos for response in served)
 
