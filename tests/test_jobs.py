@@ -471,12 +471,12 @@ def test_a_killed_workers_job_is_resumed_by_another(tmp_path: Path) -> None:
             workers.start(name)
         for name in ("w0", "w1"):
             workers.wait_ready(name)
-        for trial in range(trials):
+        points = random.Random(0).sample(["claimed", "listed", "mid-batch"], trials)  # each point once
+        for trial, point in enumerate(points):
             rng = random.Random(trial)
             names = ["broken.png", *good]
             rng.shuffle(names)
             job_id = submit_ingest(sessions, origin, names, tmp_path, f"kill{trial}", batch_size=1)
-            point = rng.choice(["claimed", "listed", "mid-batch"])
             ready = {"claimed": lambda j: j.worker is not None and j.state == "running",
                      "listed": lambda j: j.total is not None,
                      "mid-batch": lambda j: 0 < j.done + j.failed < len(images)}[point]
