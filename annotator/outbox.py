@@ -147,9 +147,10 @@ class Outbox:
         still queued (``report.error`` says why). A refused token stops it at once."""
         report = DeliveryReport()
         deadline = time.monotonic() + wait
+        versions: set[tuple[int, str]] = set()  # (project, model version) delivered, over every try
         while True:
             try:
-                self._deliver_all(report, deadline)
+                self._deliver_all(report, deadline, versions)
                 report.error = None
                 break
             except LabelStudioAuthError as err:
@@ -214,8 +215,7 @@ class Outbox:
 
     # -- delivering ------------------------------------------------------------------------------------
 
-    def _deliver_all(self, report: DeliveryReport, deadline: float) -> None:
-        versions: set[tuple[int, str]] = set()
+    def _deliver_all(self, report: DeliveryReport, deadline: float, versions: set[tuple[int, str]]) -> None:
         while True:
             token, ids = retry(self._claim, what="outbox claim")
             if not ids:
