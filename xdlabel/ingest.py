@@ -137,10 +137,8 @@ def _read(item: Item, *, max_bytes: int, timeout: float, allow_private: bool, la
         if labelstudio is None:
             raise FetchError(f"{item.uri}: no Label Studio connection to read it")
         return labelstudio.read_file(item.meta["ls_image"], max_bytes)
-    guard: dict[str, Any] = {}
-    if roots is not None or forbidden:  # only when asked: the guarded fetch takes them
-        guard = {"roots": roots, "forbidden": forbidden}
-    return fetch(item.uri, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private, **guard)
+    return fetch(item.uri, max_bytes=max_bytes, timeout=timeout, allow_private=allow_private, roots=roots,
+                 forbidden=forbidden)
 
 
 def decode(item: Item, *, max_bytes: int, max_pixels: int, allow_private: bool,
@@ -261,11 +259,11 @@ class IngestPipeline:
                  decode_workers: int = 2, progress: Callable[[IngestReport], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, push: LabelStudioPush | None = None,
                  source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = (),
-                 fetch_timeout: float = 20.0) -> None:
+                 fetch_timeout: float | None = None) -> None:
         self.services, self.dataset, self.batch_size, self.tags = services, dataset, batch_size, tuple(tags)
         self.decode_workers, self.progress, self.should_stop = decode_workers, progress, should_stop
         self.push, self.source_roots, self.forbidden = push, source_roots, tuple(forbidden)
-        self.fetch_timeout = fetch_timeout
+        self.fetch_timeout = fetch_timeout or services.settings.fetch_timeout
         self.outbox = Outbox(services.sessions, push.client, push.chunk_size) if push else None
         self.report = IngestReport()
         self._lock = threading.Lock()  # ``write`` may be called from several threads

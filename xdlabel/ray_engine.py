@@ -44,7 +44,8 @@ class InferActor:
         s = self.settings
         decoded: list[Decoded] = [
             decode(Item(str(uri), pickle.loads(meta)), max_bytes=s.max_image_bytes, max_pixels=s.max_image_pixels,
-                   allow_private=s.allow_private_urls, roots=self.source_roots, forbidden=self.forbidden)
+                   allow_private=s.allow_private_urls, roots=self.source_roots, forbidden=self.forbidden,
+                   timeout=s.fetch_timeout)
             for uri, meta in zip(batch["uri"], batch["meta"], strict=True)]
         fresh = [d for d in decoded if not is_known(d, self.known, self.retry_keys)]
         result = infer_each(self.predictor, [d for d in fresh if d.error is None], [d for d in fresh if d.error])
