@@ -52,7 +52,7 @@ def key_row(services: Services, key: str) -> ApiKey | None:
         return session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None)))
 
 
-def services_of(request: Request) -> Services:
+async def services_of(request: Request) -> Services:  # async: no worker thread needed to read app state
     return request.app.state.services  # type: ignore[no-any-return]
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 basic = HTTPBasic(auto_error=False)
 
 
-def check_basic_auth(services: ServicesDep,
+async def check_basic_auth(services: ServicesDep,  # async: /health answers without a worker thread
                      credentials: Annotated[HTTPBasicCredentials | None, Depends(basic)]) -> None:
     password = services.settings.ml_backend_password
     if not password:
@@ -133,7 +133,7 @@ def _warm_up(services: Services) -> None:
 
 
 @router.get("/health")
-def health(services: ServicesDep) -> dict[str, Any]:
+async def health(services: ServicesDep) -> dict[str, Any]:  # on the event loop: never queued behind model work
     return {"status": "UP", "model_class": "X-Decoder", "model_loaded": "predictor" in services.__dict__}
 
 
