@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import httpx
 from PIL import Image as PILImage
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from index.db import make_engine, make_session_factory, upgrade
@@ -215,6 +215,41 @@ def test_a_beating_lease_holds_and_a_stalled_one_is_fenced_out(migrated_url: str
     final = row(services.sessions, job_id)
     assert (final.state, final.done, final.total, final.error, final.worker) == ("done", 3, 3, None, "w2")
     services.engine.dispose()
+
+
+def test_the_heartbeat_outlives_dropped_database_connections(postgres_url: str, tmp_path: Path) -> None:
+    """Every 0.5 s for 3 lease periods (2 s each), every other connection to the PostgreSQL database is
+    terminated (pg_terminate_backend): the heartbeat's renewals fail on a dead connection and are
+    retried on a fresh one, so the lease never lapses, no claimer gets the job and it is not lost."""
+    lease = 2.0
+    upgrade(postgres_url)
+    services = Services(Settings(data_dir=tmp_path, database_url=postgres_url))
+    killer, claimer = make_engine(postgres_url), make_engine(postgres_url)
+    claims = make_session_factory(claimer)
+    with services.sessions() as s:
+        job_id = jobs.submit(s, "ingest", {"sources": ["x"], "dataset": "d"}).id
+        job = jobs.claim(s, "holder", lease)
+    assert job is not None
+    holder = jobs.Lease(services.sessions, "postgresql", job_id, job.lease_token, lease).start()
+    try:
+        killed, until = 0, time.monotonic() + 3 * lease
+        while time.monotonic() < until:
+            with killer.connect() as conn:
+                killed += len(conn.execute(text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all())
+            with claims() as s:
+                assert jobs.claim(s, "thief", lease) is None, "taken while its holder was alive"
+            time.sleep(0.5)
+        assert killed >= 6 and not holder.lost.is_set()
+        with claims() as s:
+            expires = s.scalar(select(Job.lease_expires_at).where(Job.id == job_id))
+            assert expires is not None and jobs.aware(expires) > db_now(s)
+        assert holder.finish("done")
+    finally:
+        holder.stop()
+        for engine in (killer, claimer, services.engine):
+            engine.dispose()
 
 
 def test_a_dead_workers_cancelling_job_ends_cancelled(migrated_url: str, tmp_path: Path) -> None:
