@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, DateTime, and_, case, func, literal, or_, select, update
@@ -269,6 +270,22 @@ def run_finetune(services: Services, job: Job, lease: Lease) -> str:
     return "done"
 
 
+def _stored_failures(services: Services, dataset: str, uris: list[str]) -> dict[str, str]:
+    """Which of these skipped items are stored as failures (by this run's predecessors, or by
+    another process), with their reasons."""
+
+    def read(chunk: list[str]) -> dict[str, str]:
+        with services.sessions() as session:
+            rows = session.execute(select(Image.uri, Image.error).join(Dataset, Image.dataset_id == Dataset.id)
+                                   .where(Dataset.name == dataset, Image.status == "failed", Image.uri.in_(chunk)))
+            return {uri: error or "failed in an earlier run" for uri, error in rows.tuples()}
+
+    found: dict[str, str] = {}
+    for start in range(0, len(uris), 500):
+        found.update(retry(partial(read, uris[start:start + 500]), what="stored failures"))
+    return found
+
+
 def run_ingest(services: Services, job: Job, lease: Lease) -> str:
     """Ingest the job's sources; a resumed job skips what is stored and counts it again: done for
     stored images, failed for stored failures (with their reasons)."""
@@ -282,23 +299,18 @@ def run_ingest(services: Services, job: Job, lease: Lease) -> str:
     items = items_from(list(params["sources"]), glob=params.get("glob", "**/*"),
                        labelstudio=push.client if push else None, roots=roots, forbidden=[settings.data_dir])
     lease.write(total=len(items), done=0, failed=0, errors=[])
-    with services.sessions() as session:  # failures stored by earlier runs: met again as duplicates
-        failed_before = dict(session.execute(
-            select(Image.uri, Image.error).join(Dataset, Image.dataset_id == Dataset.id)
-            .where(Dataset.name == params["dataset"], Image.status == "failed")).tuples().all())
-    prior_failures: dict[str, str] = {}
+    prior_failures: dict[str, str] = {}  # items skipped because their failure is stored: still failed
     seen = 0
 
     def progress(report: IngestReport) -> None:
         nonlocal seen
-        for uri in report.duplicates[seen:]:
-            if uri in failed_before:
-                prior_failures[uri] = failed_before[uri] or "failed in an earlier run"
-        seen = len(report.duplicates)
+        duplicates = list(report.duplicates)  # one snapshot: the decoding thread appends to it
+        prior_failures.update(_stored_failures(services, params["dataset"], duplicates[seen:]))
+        seen = len(duplicates)
         failures = {**prior_failures, **report.failed}
         errors = [{"uri": u, "reason": r} for u, r in list(failures.items())[-MAX_ERRORS:]]
-        lease.write(done=len(report.added) + len(report.duplicates) - len(prior_failures),
-                    failed=len(failures), errors=errors)
+        lease.write(done=len(report.added) + len(duplicates) - len(prior_failures), failed=len(failures),
+                    errors=errors)
 
     if lease.lost.is_set() or lease.shutdown.is_set():  # a cancel is looked at after the first batch
         return "stopped"
