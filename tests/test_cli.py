@@ -60,6 +60,8 @@ def test_fresh_data_folder_keys_and_one_line_errors(tmp_path: Path) -> None:
     key = r.stdout.strip()
     r = run(["search", "a circle", "--json"], {**env, "XDLABEL_DATA_DIR": str(tmp_path / "fresh2")})
     assert r.returncode == 0 and json.loads(r.stdout) == [], r.stderr
+    r = run(["index", "rebuild", "--json"], {**env, "XDLABEL_DATA_DIR": str(tmp_path / "fresh3")})
+    assert r.returncode == 0 and json.loads(r.stdout)["image"]["count"] == 0, r.stderr
     r = run(["apikey", "list", "--json"], env)
     listed = json.loads(r.stdout)
     assert [(k["name"], k["scopes"], k["revoked_at"]) for k in listed] == [("first", ["read"], None)]
