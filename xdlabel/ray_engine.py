@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from xdlabel.ingest import Decoded, IngestPipeline, IngestReport, decode, infer_each, is_known
+from xdlabel.decoding import Decoded, decode, is_known
+from xdlabel.ingest import IngestPipeline, IngestReport, infer_each
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 from xdlabel.sources import Item
