@@ -167,8 +167,11 @@ def get_original(image_id: PathId, services: ServicesDep) -> Response:
     image = _image(services, image_id)
     path = _served_path(services, image)
     limit = services.settings.max_image_bytes
-    with open(path, "rb") as f:
-        data = f.read(limit + 1)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:  # unreadable now (permissions, removed): as unavailable as a missing file
+        raise HTTPException(404, f"the original of image {image.id} is not available") from None
     if len(data) > limit or hashlib.sha256(data).hexdigest() != image.sha256:
         raise HTTPException(404, f"the original of image {image.id} changed since it was ingested")
     with open_image(data, services.settings.max_image_pixels, f"the original of image {image.id}") as opened:
