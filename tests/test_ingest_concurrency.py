@@ -282,3 +282,26 @@ def test_ingest_waits_out_a_held_sqlite_lock(tmp_path: Path) -> None:
     assert_each_image_once(dataset_state(services.sessions, "locked"),
                            {hashlib.sha256(f.read_bytes()).hexdigest() for f in files})
     services.engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["writer", "main loop"])
+def test_a_failure_in_either_thread_ends_the_run_without_hanging(services: Services, tmp_path: Path,
+                                                                  where: str) -> None:
+    """The writer thread fails (its progress callback raises after the first batch) or the main
+    loop does (its stop check raises): the run raises that error within 60 s, the writer thread is
+    gone, and the batches written before stay whole (each image once with its vector)."""
+    files = pool(tmp_path / "in", 12, first_seed=300)
+
+    def broken(*_: object) -> bool:
+        raise RuntimeError(f"injected failure in the {where}")
+
+    hooks = {"progress": broken} if where == "writer" else {"should_stop": broken}
+    pipeline = IngestPipeline(services, "broken", batch_size=2, **hooks)  # type: ignore[arg-type]
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="injected"):
+        pipeline.run([Item(f.as_uri()) for f in files])
+    assert time.monotonic() - started < 60
+    assert not [t for t in threading.enumerate() if t.name == "ingest-writer"]
+    state = dataset_state(services.sessions, "broken")
+    assert 0 < len(state["done_ids"]) < 12  # type: ignore[arg-type]
+    assert_each_image_once(state, set(state["done_shas"]))  # type: ignore[arg-type]

@@ -223,7 +223,8 @@ class IngestPipeline:
         predictor = self.services.predictor  # load the model before the threads start
         writes: queue.Queue[InferredBatch | None] = queue.Queue(maxsize=2)
         writer_error: list[BaseException] = []
-        writer = threading.Thread(target=self._write_loop, args=(writes, writer_error), daemon=True)
+        writer = threading.Thread(target=self._write_loop, args=(writes, writer_error), name="ingest-writer",
+                                  daemon=True)
         writer.start()
         pending: list[Future[Decoded]] = []
         try:
