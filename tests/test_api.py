@@ -379,3 +379,18 @@ def test_disk_full_and_locked_database_are_named(tmp_path: Path) -> None:
         dead.connect()
     status, message = database_error(refused.value)
     assert status == 503 and "not reachable" in message and "0x" not in message
+
+
+def test_ready_without_a_loadable_model_is_503(tmp_path: Path) -> None:
+    """A checkpoint that is not there: /ready answers 503 naming the model, /health stays 200."""
+    from index.db import upgrade
+
+    settings = Settings(data_dir=tmp_path, checkpoint=str(tmp_path / "missing.safetensors"))
+    upgrade(settings.sqlalchemy_url)
+    services = Services(settings)
+    with Server(services) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").status_code == 200
+        r = client.get("/ready")
+        assert r.status_code == 503 and "model did not load" in r.json()["error"]["message"]
+        assert str(tmp_path) not in r.text
+    services.engine.dispose()

@@ -116,7 +116,13 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         except DBAPIError as err:
             status, message = database_error(err)
             raise HTTPException(503, "not ready: " + message) from None
-        model = services.model.name
+        try:
+            model = services.model.name
+        except DBAPIError:
+            raise
+        except Exception:  # noqa: BLE001 - a model that does not load: not ready, the log says why
+            log.exception("model did not load")
+            raise HTTPException(503, "not ready: the model did not load; see the server log") from None
         if key and key_row(services, key) is not None:
             return ReadyOut(status="ready", model=model, database=services.engine.dialect.name)
         return ReadyOut(status="ready")
