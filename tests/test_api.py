@@ -149,7 +149,7 @@ def test_errors_are_json_with_the_right_status(api) -> None:  # type: ignore[no-
     assert r.status_code == 422 and "Traceback" not in r.text
     big = b"\x89PNG" + b"0" * (21 * 1024 * 1024)
     r = client.post("/v1/search/image", files={"file": ("big.png", big, "image/png")})
-    assert r.status_code == 413
+    assert r.status_code == 413 and str(20 * 2**20 + 64 * 1024) in r.json()["error"]["message"]  # 20 MiB + framing
     reader = httpx.Client(base_url=api["url"], headers={"X-API-Key": api["read_only"]})
     r = reader.post("/v1/datasets", json={"name": "gamma"})
     assert r.status_code == 403 and "write" in r.json()["error"]["message"]
