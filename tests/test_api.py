@@ -341,6 +341,15 @@ def test_originals_only_of_images_that_decoded(api, tmp_path: Path) -> None:  # 
     path.write_bytes(original)
     r = client.get(f"/v1/images/{victim}/original")
     assert r.status_code == 200 and r.content == original and r.headers["content-type"] == "image/png"
+    # the same bytes inside the data folder, or a URL source: never read back
+    inside = services.settings.data_dir / "copy.png"
+    inside.write_bytes(original)
+    for uri in (inside.as_uri(), "http://127.0.0.1:9/x.png"):
+        with services.sessions() as session:
+            session.get(ImageRow, victim).uri = uri
+            session.commit()
+        r = client.get(f"/v1/images/{victim}/original")
+        assert r.status_code == 404 and "not available" in r.json()["error"]["message"], uri
 
 
 def test_disk_full_and_locked_database_are_named(tmp_path: Path) -> None:
