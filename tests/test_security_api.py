@@ -227,7 +227,8 @@ class _Files(http.server.SimpleHTTPRequestHandler):
 def test_health_stays_fast_while_the_model_works(world: dict[str, Any]) -> None:
     """Two clients keep the model busy (image searches with 640x480 uploads, /ml/predict batches of
     4 tasks read from a local origin playing Label Studio) while /health and /ml/health (Label
-    Studio's 1 s check) are sampled every 20 ms: neither waits for the model (p95 and max under 100 ms)."""
+    Studio's 1 s check) are sampled every 20 ms: neither waits for the model (p95 and max under 100 ms).
+    Before that, a task image declaring 12000x12000 is skipped by /ml/predict without decoding it."""
     services = world["services"]
     folder = world["tmp"] / "ls" / "data"
     folder.mkdir(parents=True)
@@ -268,6 +269,14 @@ def test_health_stays_fast_while_the_model_works(world: dict[str, Any]) -> None:
 
     httpx.post(f"{url}/v1/search/text", json={"query": "warm up"}, headers={"X-API-Key": world["read"]},
                timeout=120)
+    # the pixel cap on the ML backend's path too: a task image declaring 12000x12000 is skipped, fast
+    (folder / "bomb.png").write_bytes(_bomb())
+    before, start = _maxrss_mb(), time.monotonic()
+    r = httpx.post(f"{url}/ml/predict", headers=auth, timeout=60, json={
+        "tasks": [{"id": 9, "data": {"image": "/data/bomb.png"}}, tasks[0]], "label_config": config})
+    assert r.status_code == 200 and time.monotonic() - start < 10 and _maxrss_mb() - before < 200
+    bomb_result, fine_result = r.json()["results"]
+    assert bomb_result["result"] == [] and bomb_result["score"] == 0.0 and fine_result["score"] > 0
     workers = [threading.Thread(target=f) for f in (search, predict, search)]
     samples = []
     try:
