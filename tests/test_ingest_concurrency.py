@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -219,13 +218,18 @@ def _write_all(pipeline: IngestPipeline, batches: list[InferredBatch], start: th
         errors.append(err)
 
 
-def test_threads_writing_overlapping_batches_store_each_image_once(services: Services) -> None:
+@pytest.fixture(scope="module")
+def ten_images(tmp_path_factory: pytest.TempPathFactory) -> list[Item]:
+    return [Item(p.as_uri()) for p in pool(tmp_path_factory.mktemp("threads"), 10, first_seed=100)]
+
+
+def test_threads_writing_overlapping_batches_store_each_image_once(services: Services,
+                                                                    ten_images: list[Item]) -> None:
     """THREAD_TRIALS seeded trials per database: 4 threads, each with its own pipeline on one
     dataset, write 5 batches of 1-4 images drawn from 10 (overlapping between and inside batches)
     at the same moment. Each image is stored once, vectors == images, and the threads' `added`
     add up to the distinct images, `added` + duplicates to all submitted."""
-    folder = Path(tempfile.gettempdir()) / f"xdlabel-threads-{os.getpid()}"
-    images = [Item(p.as_uri()) for p in pool(folder, 10, first_seed=100)]
+    images = ten_images
     rng = random.Random(5)
     # The model runs once per image (for both databases); batches are put together from its outputs.
     for item in images:
