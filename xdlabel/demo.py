@@ -107,9 +107,9 @@ def run_demo(out_dir: str) -> int:
           f"({sum(len(p['result']) for p in made)} regions and captions as predictions); start Label Studio with "
           f"LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={out.resolve()} to see the images")
     if env.ls_url and env.ls_token:
-        from annotator.client import LabelStudioClient
+        from xdlabel.settings import labelstudio_client
 
-        client = LabelStudioClient(env.ls_url, env.ls_token)
+        client = labelstudio_client(env)
         project_id = client.create_project(f"xdlabel demo {time.strftime('%Y-%m-%d %H:%M')}", xml)
         client.import_tasks(project_id, tasks)
         print(f"pushed {len(tasks)} tasks with predictions to {env.ls_url}/projects/{project_id}")

@@ -51,7 +51,7 @@ from xdecoder.predictor import Features, Predictor
 from xdecoder.results import Region
 from xdlabel.decoding import Decoded, decode, is_known, is_transient_fetch, reason, uri_key
 from xdlabel.services import Services
-from xdlabel.settings import Settings
+from xdlabel.settings import Settings, labelstudio_client
 from xdlabel.sources import Item
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class LabelStudioPush:
         """None unless a Label Studio server is configured."""
         if not settings.ls_url or not settings.ls_token:
             return None
-        return cls(LabelStudioClient(settings.ls_url, settings.ls_token), model_version, settings.ls_task,
+        return cls(labelstudio_client(settings), model_version, settings.ls_task,
                    settings.ls_score_threshold, dict(settings.ls_thresholds),
                    PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance), settings.ls_chunk_size)
 

@@ -83,6 +83,8 @@ class Services:
             self.__dict__["model"] = info
             return info
 
-    def close(self) -> None:
+    def close(self, build_wait: float = 30.0) -> None:
+        # A background rebuild that finishes in time is saved; one cut short is redone at the next open.
+        self.store.wait(build_wait)
         self.store.save()
         self.engine.dispose()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from annotator.client import LabelStudioClient
 
 REPO = Path(__file__).resolve().parents[1]
 # The bundled model: the reduced ("parity"-size) X-Decoder trained by `make train-demo` on the synthetic
@@ -100,6 +103,18 @@ class Settings(BaseSettings):
     @property
     def thumbnail_dir(self) -> Path:
         return self.data_dir / "thumbnails"
+
+
+def labelstudio_client(settings: Settings, url: str | None = None, token: str | None = None
+                       ) -> LabelStudioClient:
+    """A Label Studio client whose reads of task images obey the fetch settings (private
+    addresses, deadline); ``url``/``token`` default to the configured server."""
+    from annotator.client import LabelStudioClient
+
+    url, token = url or settings.ls_url, token or settings.ls_token
+    if not url or not token:
+        raise ValueError("set XDLABEL_LS_URL and XDLABEL_LS_TOKEN (a legacy or personal access token)")
+    return LabelStudioClient(url, token, allow_private=settings.allow_private_urls, max_seconds=settings.fetch_timeout)
 
 
 def load_settings(config_file: str | None = None) -> Settings:

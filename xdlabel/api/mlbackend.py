@@ -32,6 +32,7 @@ from xdlabel.api.auth import ServicesDep
 from xdlabel.jobs import submit
 from xdlabel.search import model_lock
 from xdlabel.services import Services
+from xdlabel.settings import Settings
 
 log = logging.getLogger(__name__)
 basic = HTTPBasic(auto_error=False)
@@ -83,18 +84,23 @@ class Connections:
     def client(self, services: Services, project: str | None) -> LabelStudioClient:
         settings = services.settings
         if settings.ls_url and settings.ls_token:  # configured: wins over what /setup said
-            return _client(settings.ls_url, settings.ls_token)
+            return _client(settings, settings.ls_url, settings.ls_token)
         with self._lock:
             known = self._by_project.get(project or "")
         if known is None:
             raise HTTPException(400, "no Label Studio connection for this project: set XDLABEL_LS_URL and "
                                      "XDLABEL_LS_TOKEN, or let Label Studio call /setup first")
-        return _client(*known)
+        return _client(settings, *known)
+
+
+def _client(settings: Settings, url: str, token: str) -> LabelStudioClient:
+    return _cached_client(url, token, settings.allow_private_urls, settings.fetch_timeout)
 
 
 @lru_cache(maxsize=32)
-def _client(url: str, token: str) -> LabelStudioClient:
-    return LabelStudioClient(url, token)
+def _cached_client(url: str, token: str, allow_private: bool, max_seconds: float) -> LabelStudioClient:
+    # One client per server and token: it keeps its connection pool and refreshed access token.
+    return LabelStudioClient(url, token, allow_private=allow_private, max_seconds=max_seconds)
 
 
 @lru_cache(maxsize=64)
