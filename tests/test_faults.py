@@ -37,6 +37,8 @@ from tests.faultkit import Origin, Processes, dead_url, free_port, hold_sqlite_l
 
 TRIALS = 5  # per database: 10 in all
 FAULT_LOG: list[str] = []  # one line per trial, printed by tests/conftest.py
+# Several model processes share two cores: one thread each, tiny images, short captions.
+FAST = {"OMP_NUM_THREADS": "1", "XDLABEL_SHORT_SIDE": "64", "XDLABEL_CAPTION_STEPS": "2"}
 
 
 @dataclass
@@ -119,9 +121,9 @@ def run_trial(seed: int, url: str, tmp_path: Path, *, sqlite_file: Path | None) 
     with Origin() as origin:
         corpus = make_corpus(tmp_path / "sources", origin, rng)
         env = {**os.environ, "XDLABEL_DATA_DIR": str(data), "XDLABEL_DATABASE_URL": url,
-               "XDLABEL_SHORT_SIDE": "64", "XDLABEL_SOURCE_ROOTS": json.dumps([str(corpus.root)]),
+               "XDLABEL_SOURCE_ROOTS": json.dumps([str(corpus.root)]),
                "XDLABEL_ALLOW_PRIVATE_URLS": "true", "XDLABEL_JOB_LEASE_SECONDS": "3",
-               "XDLABEL_FETCH_TIMEOUT": "2"}
+               "XDLABEL_FETCH_TIMEOUT": "2", **FAST}
         procs = Processes(env, tmp_path / "logs")
         try:
             assert procs.run("db", "upgrade").returncode == 0
@@ -231,9 +233,10 @@ def test_fault_trial_with_label_studio(database: str, label_studio: Any, request
     task_ids = client.sdk.projects.import_tasks(id=project.id, return_task_ids=True, request=[
         {"data": {"image": f"/data/local-files/?d={title}/s{k}.png"}} for k in range(24)]).task_ids
     data = tmp_path / "data"
-    env = {**os.environ, "XDLABEL_DATA_DIR": str(data), "XDLABEL_DATABASE_URL": url, "XDLABEL_SHORT_SIDE": "64",
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(data), "XDLABEL_DATABASE_URL": url,
            "XDLABEL_LS_URL": label_studio.url, "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_LS_CHUNK_SIZE": "3",
-           "XDLABEL_LS_TASK": "semantic", "XDLABEL_LS_SCORE_THRESHOLD": "0", "XDLABEL_JOB_LEASE_SECONDS": "3"}
+           "XDLABEL_LS_TASK": "semantic", "XDLABEL_LS_SCORE_THRESHOLD": "0", "XDLABEL_JOB_LEASE_SECONDS": "3",
+           **FAST}
     procs = Processes(env, tmp_path / "logs")
     injected = []
     try:
