@@ -167,22 +167,26 @@ class Lease:
 
     def write(self, **values: Any) -> bool:
         """One fenced UPDATE of the job (transient errors retried); False when the lease is lost."""
+        return self._update(values) is not None
+
+    def _update(self, values: dict[str, Any]) -> str | None:
+        """The fenced UPDATE; returns the job's state after it, None (and the lease lost) if no row."""
         if self.lost.is_set():
-            return False
+            return None
 
-        def attempt() -> int:
+        def attempt() -> str | None:
             with self.sessions() as session:
-                rows = _rows(session.execute(update(Job).where(self._fence()).values(**values)))
+                state = session.scalar(update(Job).where(self._fence()).values(**values).returning(Job.state))
                 session.commit()
-                return rows
+                return state
 
-        if retry(attempt, what=f"job {self.job_id} write") == 1:
-            return True
-        if not self.lost.is_set():
-            log.warning("job %s: lease %d lost (taken over or settled); this worker writes no more",
-                        self.job_id, self.token)
-        self.lost.set()
-        return False
+        state = retry(attempt, what=f"job {self.job_id} write")
+        if state is None:
+            if not self.lost.is_set():
+                log.warning("job %s: lease %d lost (taken over or settled); this worker writes no more",
+                            self.job_id, self.token)
+            self.lost.set()
+        return state
 
     def renew(self) -> bool:
         at = clock(self.dialect)
@@ -233,11 +237,8 @@ class Lease:
         at = clock(self.dialect)
         stamp = at if self.dialect == "postgresql" else literal(at, Job.finished_at.type)
         cancelled = Job.state == "cancelling"
-        if not self.write(state=case((cancelled, "cancelled"), else_="queued"),
-                          finished_at=case((cancelled, stamp), else_=None), lease_expires_at=None):
-            return None
-        with self.sessions() as session:
-            return session.scalar(select(Job.state).where(Job.id == self.job_id))
+        return self._update({"state": case((cancelled, "cancelled"), else_="queued"),
+                             "finished_at": case((cancelled, stamp), else_=None), "lease_expires_at": None})
 
 
 def run_finetune(services: Services, job: Job, lease: Lease) -> str:
@@ -398,7 +399,13 @@ def work(services: Services, *, once: bool = False, poll: float = 2.0, worker: s
             stop.wait(poll)
             continue
         log.info("worker %s runs job %s (lease %d)", name, job.id, job.lease_token)
-        log.info("job %s: %s", job.id, run(services, job, lease_seconds=seconds, shutdown=stop))
+        try:
+            log.info("job %s: %s", job.id, run(services, job, lease_seconds=seconds, shutdown=stop))
+        except Exception:  # noqa: BLE001 - the database failed past its retries
+            # Its lease lapses, so the job is taken over and resumed (by this worker or another).
+            log.exception("job %s: could not record its end; it will be taken over", job.id)
+            if once:
+                raise
         ran += 1
     return ran
 
