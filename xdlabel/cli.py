@@ -203,8 +203,9 @@ def _ingest(args: argparse.Namespace) -> int:
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     push = LabelStudioPush.from_settings(settings, services.model_version_name)
+    data_dir = [settings.data_dir]  # the database and indexes are never a source, whoever asks
     items = items_from(args.paths, glob=args.glob, image_root=Path(args.image_root) if args.image_root else None,
-                       labelstudio=push.client if push else None)
+                       labelstudio=push.client if push else None, forbidden=data_dir)
     if args.engine == "ray" and any("ls_task" in item.meta for item in items):
         raise ValueError("Label Studio sources run on the local engine (--engine local)")
     bar = tqdm(total=len(items), unit="img", disable=args.json or not sys.stderr.isatty() and not args.progress)
@@ -218,10 +219,10 @@ def _ingest(args: argparse.Namespace) -> int:
         from xdlabel.ray_engine import run_on_ray
 
         report = run_on_ray(services, args.dataset, items, batch_size=args.batch_size, tags=tuple(args.tag),
-                            actors=args.actors, address=args.ray_address, progress=progress)
+                            actors=args.actors, address=args.ray_address, progress=progress, forbidden=data_dir)
     else:
         report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
-                                progress=progress, push=push).run(items)
+                                progress=progress, push=push, forbidden=data_dir).run(items)
     bar.close()
     services.close()
     summary: dict[str, object] = {"added": len(report.added), "duplicates": len(report.duplicates),
@@ -245,7 +246,6 @@ def _ingest(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     import logging
-
     import threading
 
     from index.db import upgrade
@@ -360,12 +360,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _ls_client(settings):  # type: ignore[no-untyped-def]
-    from annotator.client import LabelStudioClient
+    from xdlabel.settings import labelstudio_client
 
-    if not settings.ls_url or not settings.ls_token:
-        raise ValueError("set XDLABEL_LS_URL and XDLABEL_LS_TOKEN (a legacy or personal access token)")
-    return LabelStudioClient(settings.ls_url, settings.ls_token, allow_private=settings.allow_private_urls,
-                             max_seconds=settings.fetch_timeout)
+    return labelstudio_client(settings)
 
 
 def _prelabel(args: argparse.Namespace) -> int:
