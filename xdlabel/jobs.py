@@ -246,13 +246,13 @@ def run_finetune(services: Services, job: Job, lease: Lease) -> str:
     annotations received by webhook (or read live when none were) under <data_dir>/finetune/job-<id>."""
     from pathlib import Path
 
-    from annotator.client import LabelStudioClient
     from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
+    from xdlabel.settings import labelstudio_client
 
     settings, params = services.settings, job.params
     if not settings.ls_url or not settings.ls_token:
         raise ValueError("fine-tuning reads images from Label Studio: set XDLABEL_LS_URL and XDLABEL_LS_TOKEN")
-    client = LabelStudioClient(settings.ls_url, settings.ls_token)
+    client = labelstudio_client(settings)
     project = int(params["ls_project"])
     size = (int(params.get("width", 160)), int(params.get("height", 128)))
     data = labelstudio_data(client, project, size, services.sessions, settings.max_image_bytes)
