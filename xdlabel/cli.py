@@ -8,82 +8,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-
-def _model_info(args: argparse.Namespace) -> int:
-    from xdecoder import build_model, load_checkpoint
-    from xdecoder.config import get_config
-
-    cfg = get_config(args.config)
-    info: dict[str, object] = {"config": cfg.name, "backbone": type(cfg.backbone).__name__,
-                               "num_queries": cfg.decoder.num_queries, "dim_proj": cfg.dim_proj}
-    if args.checkpoint:
-        model = build_model(cfg)
-        info["parameters"] = sum(p.numel() for p in model.parameters())
-        loaded = load_checkpoint(model, args.checkpoint)  # a bad file: main() reports it, exit 2
-        info.update(checkpoint=str(loaded.path), sha256=loaded.sha256, tensors=loaded.num_tensors,
-                    ignored_keys=list(loaded.ignored))
-    _emit(info, args.json)
-    return 0
-
-
-def _model_bundle(args: argparse.Namespace) -> int:
-    """Evaluate a training run on held-out scenes and install it as the bundled model."""
-    import hashlib
-    import shutil
-    from pathlib import Path
-
-    import xdecoder.training.synthetic as synthetic
-    from xdecoder import Predictor, build_model, load_checkpoint
-    from xdecoder.checkpoint import file_sha256
-    from xdecoder.predictor import PredictorSettings
-    from xdecoder.training.evaluate import evaluate
-    from xdlabel.settings import BUNDLED_CHECKPOINT
-
-    run = Path(args.run)
-    meta = json.loads((run / "meta.json").read_text())
-    if meta["step"] < meta["train"]["steps"]:
-        raise ValueError(f"{run} stopped at step {meta['step']} of {meta['train']['steps']}: finish the run first")
-    model = build_model(meta["config"])
-    load_checkpoint(model, run / "model.safetensors")
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=args.height,
-                                                                          caption_steps=args.caption_steps))
-    size = (args.width, args.height)
-    metrics = evaluate(predictor, synthetic.make_scenes(args.scenes, seed=args.seed, size=size))
-    BUNDLED_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "model.safetensors", BUNDLED_CHECKPOINT)
-    info = {
-        "config": meta["config"], "classes": meta["classes"], "stuff": list(synthetic.STUFF),
-        "short_side": args.height, "caption_steps": args.caption_steps, "train_size": list(size),
-        "training": meta["train"],
-        "training_data": {"generator": "xdecoder.training.synthetic", "seed": meta["train"]["seed"],
-                          "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()},
-        "heldout": {"seed": args.seed, "scenes": args.scenes, "metrics": metrics},
-        "sha256": file_sha256(BUNDLED_CHECKPOINT),
-    }
-    BUNDLED_CHECKPOINT.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
-    _emit({"bundled": str(BUNDLED_CHECKPOINT), **{k: v for k, v in metrics.items() if "/" not in k}}, args.json)
-    return 0
-
-
-def _emit(values: dict[str, object], as_json: bool) -> None:
-    """A result as JSON for scripts, or aligned key: value lines for people."""
-    if as_json:
-        print(json.dumps(values, indent=2, default=str))
-    else:
-        for key, value in values.items():
-            print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
-
-
-def _settings(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from xdlabel.settings import load_settings
-
-    return load_settings(args.config_file)
+from xdlabel.commands import labelstudio, training
+from xdlabel.commands.common import migrated, settings_of
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from index.db import upgrade
 
-    settings = _settings(args)
+    settings = settings_of(args)
     upgrade(settings.sqlalchemy_url, args.revision)
     print(f"database at revision {args.revision}: {settings.sqlalchemy_url}")
     return 0
@@ -92,7 +24,7 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 def _index_rebuild(args: argparse.Namespace) -> int:
     from xdlabel.services import Services
 
-    services = Services(_migrated(args))
+    services = Services(migrated(args))
     model = services.model
     reports = {kind: services.store.rebuild(model.version_id, kind, dim)
                for kind, dim in (("image", model.image_dim), ("region", model.region_dim))}
@@ -105,20 +37,11 @@ def _index_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
-def _migrated(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    """The settings, with the database brought to the current schema (a fresh data folder works)."""
-    from index.db import upgrade
-
-    settings = _settings(args)
-    upgrade(settings.sqlalchemy_url)
-    return settings
-
-
 def _apikey_create(args: argparse.Namespace) -> int:
     from index.db import make_engine, make_session_factory
     from xdlabel.api.auth import create_api_key
 
-    engine = make_engine(_migrated(args).sqlalchemy_url)
+    engine = make_engine(migrated(args).sqlalchemy_url)
     with make_session_factory(engine)() as session:
         key = create_api_key(session, args.name, [s.strip() for s in args.scopes.split(",")])
     engine.dispose()
@@ -130,7 +53,7 @@ def _apikey_list(args: argparse.Namespace) -> int:
     from index.db import make_engine, make_session_factory
     from xdlabel.api.auth import list_api_keys
 
-    engine = make_engine(_migrated(args).sqlalchemy_url)
+    engine = make_engine(migrated(args).sqlalchemy_url)
     with make_session_factory(engine)() as session:
         keys: list[dict[str, Any]] = [
             {"id": k.id, "name": k.name, "scopes": list(k.scopes), "created_at": k.created_at.isoformat(),
@@ -149,7 +72,7 @@ def _apikey_revoke(args: argparse.Namespace) -> int:
     from index.db import make_engine, make_session_factory
     from xdlabel.api.auth import revoke_api_key
 
-    engine = make_engine(_migrated(args).sqlalchemy_url)
+    engine = make_engine(migrated(args).sqlalchemy_url)
     with make_session_factory(engine)() as session:
         row = revoke_api_key(session, args.id)
     engine.dispose()
@@ -165,7 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     from index.db import upgrade
     from xdlabel.api import create_app
 
-    settings = _settings(args)
+    settings = settings_of(args)
     upgrade(settings.sqlalchemy_url)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
     return 0
@@ -176,7 +99,7 @@ def _search(args: argparse.Namespace) -> int:
     from xdlabel.search import search_text
     from xdlabel.services import Services
 
-    services = Services(_migrated(args))
+    services = Services(migrated(args))
     filters = Filters(tags=tuple(args.tag))
     result = search_text(services, args.query, k=args.k, negative=args.negative, filters=filters,
                          regions=args.regions)
@@ -199,7 +122,7 @@ def _ingest(args: argparse.Namespace) -> int:
     from xdlabel.services import Services
     from xdlabel.sources import items_from
 
-    settings = _settings(args)
+    settings = settings_of(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     push = LabelStudioPush.from_settings(settings, services.model_version_name)
@@ -253,7 +176,7 @@ def _worker(args: argparse.Namespace) -> int:
     from xdlabel.services import Services
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    settings = _settings(args)
+    settings = settings_of(args)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     stop = threading.Event()
@@ -261,223 +184,6 @@ def _worker(args: argparse.Namespace) -> int:
         ran = work(services, once=args.once, poll=args.poll, stop=stop, preload=not args.once)
     services.close()
     print(f"ran {ran} jobs")
-    return 0
-
-
-def _finetune(args: argparse.Namespace) -> int:
-    """Fine-tune on labelled data (a Label Studio project or a COCO file) with held-out metrics."""
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    from annotator.dataset import scenes_from_coco
-    from index.db import make_engine, make_session_factory, upgrade
-    from xdlabel.finetune import FinetuneOptions, coco_image_reader, describe, finetune, labelstudio_data
-
-    settings = _settings(args)
-    upgrade(settings.sqlalchemy_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    sessions = make_session_factory(engine)
-    size = (args.width, args.height)
-    if args.coco:
-        root = Path(args.image_root) if args.image_root else Path(args.coco).parent
-        client = _ls_client(settings) if settings.ls_url and settings.ls_token else None
-        reader = coco_image_reader(root, client, settings.max_image_bytes)
-        data = scenes_from_coco(Path(args.coco), size, Path(args.image_root) if args.image_root else None,
-                                Path(args.captions) if args.captions else None, read_image=reader)
-    else:
-        data = labelstudio_data(_ls_client(settings), args.from_labelstudio, size,
-                                sessions if args.from_store else None, settings.max_image_bytes)
-    options = FinetuneOptions(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                              freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text)
-    bar = tqdm(total=args.steps, unit="step", disable=args.json)
-    report = finetune(args.config or settings.model, args.init or settings.checkpoint, data.scenes,
-                      data.class_names, data.stuff, Path(args.out), options, data_digest=data.digest,
-                      sessions=sessions, log=lambda step, record: bar.update(1))
-    bar.close()
-    engine.dispose()
-    _emit({**describe(report), "skipped": data.skipped}, args.json)
-    return 0
-
-
-def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from tqdm import tqdm
-
-    if args.from_labelstudio is not None or args.coco:
-        return _finetune(args)
-    args.config = args.config or "parity"
-    import torch
-
-    torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
-
-    from xdecoder import build_model, load_checkpoint
-    from xdecoder.training.trainer import TrainConfig, Trainer, synthetic_batches
-
-    model = build_model(args.config)
-    if args.init:
-        load_checkpoint(model, args.init)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text,
-                      checkpoint_every=args.checkpoint_every)
-    trainer = Trainer(model, cfg)
-    out = Path(args.out)
-    resumed = trainer.resume(out)
-    bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step", disable=args.json)
-
-    def log(step: int, record: dict[str, float]) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-
-    import hashlib
-
-    import xdecoder.training.synthetic as synthetic
-
-    data = {"generator": "xdecoder.training.synthetic", "seed": args.seed, "size": [args.width, args.height],
-            "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()}
-    history = trainer.fit(synthetic_batches(cfg, (args.width, args.height)), folder=out, log=log,
-                          meta={"training_data": data})
-    bar.close()
-    summary = {"checkpoint": str(out), "resumed_from_step": resumed and (cfg.steps - len(history)),
-               "steps": trainer.step, "final_loss": history[-1]["loss"] if history else None}
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from xdecoder import Predictor, build_model, load_checkpoint
-    from xdecoder.predictor import PredictorSettings
-    from xdecoder.training.evaluate import evaluate
-    from xdecoder.training.synthetic import make_scenes
-
-    model = build_model(args.config)
-    load_checkpoint(model, args.checkpoint)
-    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height, caption_steps=args.caption_steps))
-    metrics = evaluate(predictor, make_scenes(args.scenes, seed=args.seed, size=(args.width, args.height)))
-    _emit(dict(metrics), args.json)
-    return 0
-
-
-def _ls_client(settings):  # type: ignore[no-untyped-def]
-    from xdlabel.settings import labelstudio_client
-
-    return labelstudio_client(settings)
-
-
-def _prelabel(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from annotator.prelabel import PrelabelSettings
-    from annotator.project import PrelabelOptions, PrelabelReport, describe, prelabel_project
-    from index.db import upgrade
-    from xdlabel.services import Services
-
-    settings = _settings(args)
-    client = _ls_client(settings)
-    upgrade(settings.sqlalchemy_url)
-    services = Services(settings)
-    options = PrelabelOptions(
-        batch_size=args.batch_size, task=args.task or settings.ls_task,
-        default_threshold=settings.ls_score_threshold if args.threshold is None else args.threshold,
-        thresholds=settings.ls_thresholds, max_image_bytes=settings.max_image_bytes,
-        max_image_pixels=settings.max_image_pixels, deliver_wait=args.wait,
-        prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions),
-        force=args.force, task_ids=frozenset(args.task_id or ()))
-    bar = tqdm(unit="task", disable=args.json)
-
-    def progress(report: PrelabelReport) -> None:
-        bar.total = report.tasks - report.skipped
-        bar.n = report.predicted + len(report.failed)
-        bar.refresh()
-
-    report = prelabel_project(services.predictor, client, services.sessions, args.project,
-                              services.model_version_name, options, progress)
-    bar.close()
-    services.close()
-    _emit(describe(report), args.json)
-    for task_id, reason in report.failed.items():
-        print(f"task {task_id} failed: {reason}", file=sys.stderr)
-    if report.delivery.error:
-        print(f"error: {report.delivery.error}", file=sys.stderr)
-    return 2 if report.delivery.auth_error else 0 if report.delivery.pending == 0 else 3
-
-
-def _ls_deliver(args: argparse.Namespace) -> int:
-    from annotator.outbox import Outbox
-    from index.db import make_engine, make_session_factory, upgrade
-
-    settings = _settings(args)
-    client = _ls_client(settings)
-    upgrade(settings.sqlalchemy_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    report = Outbox(make_session_factory(engine), client, settings.ls_chunk_size).deliver(wait=args.wait)
-    engine.dispose()
-    _emit(vars(report), args.json)
-    if report.error:  # why rows are still queued: a refused token, or Label Studio down
-        print(f"error: {report.error}", file=sys.stderr)
-    return 2 if report.auth_error else 0 if report.pending == 0 else 3
-
-
-def _ls_requeue(args: argparse.Namespace) -> int:
-    from annotator.outbox import requeue
-    from index.db import make_engine, make_session_factory, upgrade
-
-    settings = _settings(args)
-    upgrade(settings.sqlalchemy_url)
-    engine = make_engine(settings.sqlalchemy_url)
-    with make_session_factory(engine)() as session:
-        server = settings.ls_url.rstrip("/") if settings.ls_url else None
-        count = requeue(session, server, args.project, args.task or ())
-        session.commit()
-    engine.dispose()
-    _emit({"requeued": count}, args.json)
-    return 0
-
-
-def _ls_connect(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if not settings.ml_backend_password:
-        raise ValueError("set XDLABEL_ML_BACKEND_PASSWORD (the same as the server's) to connect the ML backend")
-    backend = _ls_client(settings).register_ml_backend(args.project, args.url, settings.ml_backend_user,
-                                                       settings.ml_backend_password)
-    _emit({"project": args.project, "ml_backend": backend, "url": args.url}, args.json)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from annotator.export import tasks_from_store, to_coco, to_pngs
-    from annotator.labeling import parse_labeling_config
-    from index.db import make_engine, make_session_factory
-
-    settings = _settings(args)
-    source = "predictions" if args.predictions else "annotations"
-    if args.from_store:
-        engine = make_engine(settings.sqlalchemy_url)
-        with make_session_factory(engine)() as session:
-            tasks = tasks_from_store(session, args.project)
-        engine.dispose()
-        config = None
-    else:
-        client = _ls_client(settings)
-        config = parse_labeling_config(client.project(args.project)["label_config"])
-        tasks = list(client.tasks(args.project))
-    out = Path(args.out)
-    if args.format == "png":
-        written = len(to_pngs(tasks, out, config, source))
-    elif args.format == "coco":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        coco = to_coco(tasks, config, source)
-        out.write_text(json.dumps(coco))
-        written = len(coco["annotations"])
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(tasks))
-        written = len(tasks)
-    _emit({"format": args.format, "source": source, "tasks": len(tasks), "written": written, "out": str(out)},
-          args.json)
     return 0
 
 
@@ -539,43 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "XDLABEL_JOB_LEASE_SECONDS + this)")
     worker.set_defaults(func=_worker)
 
-    train = sub.add_parser("train", help="train X-Decoder on synthetic scenes, or fine-tune it on a Label Studio "
-                                         "project's annotations (resumable)")
-    train.add_argument("--config", help="model config (default: parity; with --from-labelstudio: XDLABEL_MODEL)")
-    train.add_argument("--init", help="checkpoint to start from (local or hf://; with --from-labelstudio: "
-                                      "default XDLABEL_CHECKPOINT)")
-    train.add_argument("--from-labelstudio", type=int, metavar="PROJECT",
-                       help="fine-tune on this project's annotations; held-out metrics before/after; the result "
-                            "is registered as a model version only if it is better")
-    train.add_argument("--from-store", action="store_true",
-                       help="with --from-labelstudio: the annotations xdlabel received by webhook")
-    train.add_argument("--coco", help="fine-tune on a COCO instances file (polygons or RLE; as --from-labelstudio)")
-    train.add_argument("--image-root", help="with --coco: the images' folder (default: beside the file)")
-    train.add_argument("--captions", help="with --coco: a COCO captions file")
-    train.add_argument("--out", required=True, help="checkpoint folder; an existing one is resumed")
-    train.add_argument("--steps", type=int, default=1000)
-    train.add_argument("--batch-size", type=int, default=4)
-    train.add_argument("--lr", type=float, default=2e-4)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--width", type=int, default=160)
-    train.add_argument("--height", type=int, default=128)
-    train.add_argument("--checkpoint-every", type=int, default=100)
-    train.add_argument("--freeze-backbone", action="store_true")
-    train.add_argument("--freeze-text", action="store_true")
-    train.add_argument("--json", action="store_true", help="no progress bar")
-    train.set_defaults(func=_train)
-
-    evaluate = sub.add_parser("eval", help="held-out synthetic metrics: mIoU, PQ, referring IoU, R@1, BLEU-4")
-    evaluate.add_argument("--config", default="parity")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--scenes", type=int, default=50)
-    evaluate.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
-    evaluate.add_argument("--width", type=int, default=160)
-    evaluate.add_argument("--height", type=int, default=128)
-    evaluate.add_argument("--caption-steps", type=int, help="longest caption in tokens (default: the config's)")
-    evaluate.add_argument("--json", action="store_true")
-    evaluate.set_defaults(func=_eval)
-
     serve = sub.add_parser("serve", help="run the HTTP API and search page")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -590,67 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=_search)
 
-    model = sub.add_parser("model", help="inspect X-Decoder configs and checkpoints")
-    model_sub = model.add_subparsers(dest="model_command", required=True)
-    info = model_sub.add_parser("info", help="describe a config; with --checkpoint, load it strictly")
-    info.add_argument("--config", default="focalt", help="focalt, focall, davitd3, davitd5, parity")
-    info.add_argument("--checkpoint", help="local .pt/.safetensors path or hf://owner/repo/file")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
-    info.set_defaults(func=_model_info)
-
-    prelabel = sub.add_parser("prelabel", help="pre-label a Label Studio project's tasks and push them in bulk")
-    prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    prelabel.add_argument("--task", choices=["auto", "panoptic", "instance", "semantic"],
-                          help="default: XDLABEL_LS_TASK (auto: panoptic with brushes, else instance)")
-    prelabel.add_argument("--threshold", type=float, help="minimum region score (default: XDLABEL_LS_SCORE_THRESHOLD)")
-    prelabel.add_argument("--batch-size", type=int, default=4)
-    prelabel.add_argument("--no-captions", action="store_true")
-    prelabel.add_argument("--wait", type=float, default=60.0,
-                          help="seconds to keep retrying an unreachable Label Studio at the end (exit 3 if still down)")
-    prelabel.add_argument("--force", action="store_true",
-                          help="predict again tasks that already hold (or have queued) a prediction of this model "
-                               "version; it replaces the old one")
-    prelabel.add_argument("--task-id", type=int, action="append", metavar="ID",
-                          help="only this Label Studio task (repeatable; with --force: redo just these)")
-    prelabel.add_argument("--json", action="store_true")
-    prelabel.set_defaults(func=_prelabel)
-
-    export = sub.add_parser("export", help="a Label Studio project's labels as COCO (RLE masks), PNG masks or JSON")
-    export.add_argument("--project", type=int, required=True)
-    export.add_argument("--format", choices=["coco", "png", "json"], default="coco")
-    export.add_argument("--out", required=True, help="a file (coco, json) or a folder (png)")
-    export.add_argument("--predictions", action="store_true", help="export predictions instead of annotations")
-    export.add_argument("--from-store", action="store_true",
-                        help="annotations xdlabel received by webhook, without asking Label Studio")
-    export.add_argument("--json", action="store_true")
-    export.set_defaults(func=_export)
-
-    ls = sub.add_parser("labelstudio", help="Label Studio connection").add_subparsers(dest="ls_command", required=True)
-    connect = ls.add_parser("connect", help="register xdlabel's ML backend (/ml) in a project, with basic auth")
-    connect.add_argument("--project", type=int, required=True)
-    connect.add_argument("--url", required=True, help="the ML backend as Label Studio reaches it: http://host:8000/ml")
-    connect.add_argument("--json", action="store_true")
-    connect.set_defaults(func=_ls_connect)
-    deliver = ls.add_parser("deliver", help="push queued predictions (the outbox) to Label Studio")
-    deliver.add_argument("--wait", type=float, default=0.0, help="seconds to keep retrying while it is down")
-    deliver.add_argument("--json", action="store_true")
-    deliver.set_defaults(func=_ls_deliver)
-    requeue = ls.add_parser("requeue", help="put failed predictions back in the outbox (then run deliver)")
-    requeue.add_argument("--project", type=int, help="only this Label Studio project's")
-    requeue.add_argument("--task", type=int, nargs="+", metavar="T", help="only these tasks'")
-    requeue.add_argument("--json", action="store_true")
-    requeue.set_defaults(func=_ls_requeue)
-
-    bundle = model_sub.add_parser("bundle", help="evaluate a finished training run on held-out synthetic scenes "
-                                                 "and install it as the bundled model (make train-demo)")
-    bundle.add_argument("run", help="the training run's folder (xdlabel train --out)")
-    bundle.add_argument("--width", type=int, default=96)
-    bundle.add_argument("--height", type=int, default=64)
-    bundle.add_argument("--scenes", type=int, default=100)
-    bundle.add_argument("--caption-steps", type=int, default=24, help="longest caption, in tokens")
-    bundle.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
-    bundle.add_argument("--json", action="store_true")
-    bundle.set_defaults(func=_model_bundle)
+    training.register(sub)
+    labelstudio.register(sub)
 
     demo = sub.add_parser("demo", help="run the main job on embedded defaults")
     demo.add_argument("--out", default="xdlabel-data/demo", help="output folder")
