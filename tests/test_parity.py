@@ -148,10 +148,26 @@ def test_semantic(golden: Golden, seg_predictor: Predictor, seg_features: Featur
     assert np.array_equal(result.label_map, golden["seg_sem_seg_argmax"])
 
 
+def official_panoptic_margin(golden: Golden, object_mask_threshold: float) -> np.ndarray:
+    """Per pixel, how far apart the official outputs put the two best queries' class score x mask
+    probability (Mask2Former's panoptic argmax), computed from the golden logits and masks."""
+    logits = torch.from_numpy(golden["seg_pred_logits"][0])
+    scores, labels = logits.softmax(-1).max(-1)
+    kept = (labels.ne(logits.shape[-1] - 1) & (scores > object_mask_threshold)).nonzero().flatten()
+    upsample = MaskUpsampler(torch.from_numpy(golden["seg_pred_masks"][0]), (256, 384), (240, 360), (320, 480))
+    top = (scores[kept].view(-1, 1, 1) * upsample(kept).sigmoid()).topk(2, dim=0).values
+    return (top[0] - top[1]).numpy()
+
+
 def test_panoptic(golden: Golden, golden_meta: dict[str, Any], seg_predictor: Predictor,
                   seg_features: Features, class_names: list[str]) -> None:
     result = seg_predictor.panoptic(seg_features, class_names, stuff=golden_meta["stuff_classes"])[0]
-    assert np.array_equal(result.segment_map, golden["pano_seg"])
+    # Equal, except pixels where the official argmax is a float tie (two queries within 1e-6): there
+    # a 1e-7 difference in summation order (another CPU's kernels) legitimately picks the other.
+    differ = result.segment_map != golden["pano_seg"]
+    ties = official_panoptic_margin(golden, seg_predictor.model.config.object_mask_threshold) < 1e-6
+    assert not (differ & ~ties).any(), f"{int((differ & ~ties).sum())} pixels differ outside argmax ties"
+    PARITY_ERRORS["pano_seg (argmax-tie pixels)"] = float(differ.sum())
     assert [{"id": s.id, "isthing": s.isthing, "category_id": s.category_id} for s in result.segments] \
         == golden_meta["pano_segments_info"]
 
