@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,13 +37,14 @@ def is_transient_db_error(err: BaseException) -> bool:
 def retry(fn: Callable[[], T], *, transient: Callable[[BaseException], bool] = is_transient_db_error,
           attempts: int = 5, first_wait: float = 0.05, max_wait: float = 2.0, what: str = "") -> T:
     """Calls ``fn`` until it returns, retrying ``transient`` errors ``attempts`` times in all with
-    jittered exponential backoff; the last error is raised as it was."""
+    exponential backoff under full jitter (so racing processes spread out); the last error is raised
+    as it was."""
 
     def note(state) -> None:  # type: ignore[no-untyped-def]
         log.warning("%s: transient error (%s), try %d of %d", what or getattr(fn, "__name__", "call"),
                     state.outcome.exception(), state.attempt_number, attempts)
 
     retrying = Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(attempts),
-                        wait=wait_exponential_jitter(initial=first_wait, max=max_wait), reraise=True,
+                        wait=wait_random_exponential(multiplier=first_wait, max=max_wait), reraise=True,
                         before_sleep=note)
     return retrying(fn)

@@ -279,7 +279,7 @@ def _stored_failures(services: Services, dataset: str, uris: list[str]) -> dict[
         with services.sessions() as session:
             rows = session.execute(select(Image.uri, Image.error).join(Dataset, Image.dataset_id == Dataset.id)
                                    .where(Dataset.name == dataset, Image.status == "failed", Image.uri.in_(chunk)))
-            return {uri: error or "failed in an earlier run" for uri, error in rows.tuples()}
+            return {uri: error or "failed in an earlier run" for uri, error in rows}
 
     found: dict[str, str] = {}
     for start in range(0, len(uris), 500):
