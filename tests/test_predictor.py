@@ -187,3 +187,22 @@ def test_uncertainty_ranks_ambiguous_outputs_higher(predictor: Predictor, other:
     assert 0 <= low < 0.05 and high > 0.9
     scores = predictor.uncertainty(predictor.encode([other, other]), CLASSES)
     assert scores.shape == (2,) and 0 <= scores.min() <= scores.max() <= 1 and scores[0] == pytest.approx(scores[1])
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # Expected strings follow transformers 4.34's clean_up_tokenization (the official decode): the space goes
+    # before . ? ! , and before 's 're 've 'm n't, and " ' " becomes "'"; nothing else changes.
+    ("a man 's dog , running on the grass", "a man's dog, running on the grass"),
+    ("is it a cat ?", "is it a cat?"),
+    ("they 're here ! we 've seen it , i 'm sure", "they're here! we've seen it, i'm sure"),
+    ("he does n't know", "he does n 't know"),  # CLIP's BPE splits "n't" as "n 't": the " n't" rule never fires
+    ("he isn't here", "he isn 't here"),  # BPE splits "isn 't": no rule joins " 't"
+    ("rock ' n ' roll , a band", "rock'n'roll, a band"),
+    ("a dog running on the grass", "a dog running on the grass"),
+])
+def test_caption_text_is_cleaned_up_like_the_official_decode(predictor: Predictor, text: str,
+                                                             expected: str) -> None:
+    ids, mask = predictor.tokenizer([text])
+    row = ids[0, : int(mask[0].sum())].tolist()
+    # As greedy decoding leaves it: start token, caption, end token, start-token filler.
+    assert predictor.tokenizer.decode_caption(row + [49406] * 5) == expected

@@ -65,6 +65,23 @@ class ClipTokenizer:
                 torch.tensor(enc["attention_mask"], dtype=torch.int64))
 
     def decode_caption(self, ids: list[int]) -> str:
-        """Official caption decoding: text before the first end-of-text, start tokens removed."""
-        text = self._tok.decode(ids, skip_special_tokens=False)
+        """Official caption decoding: text before the first end-of-text, start tokens removed.
+
+        The official code decodes with transformers 4.34, whose default clean-up joins some
+        punctuation to the word before it; newer versions skip it for BPE tokenizers, so it is
+        applied here by the same rule, whatever transformers is installed.
+        """
+        text = clean_up_tokenization(self._tok.decode(ids, skip_special_tokens=False,
+                                                      clean_up_tokenization_spaces=False))
         return text.split("<|endoftext|>")[0].replace("<|startoftext|>", "").strip()
+
+
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers 4.34's ``clean_up_tokenization``: the same replacements, in the same order."""
+    for old, new in _CLEAN_UP:
+        text = text.replace(old, new)
+    return text
