@@ -83,3 +83,23 @@ def test_fresh_data_folder_keys_and_one_line_errors(tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr, r.stderr
     summary = json.loads(r.stdout)
     assert summary["added"] == 1 and list(summary["failed"]) == ["http://127.0.0.1:1/unreachable.png"]
+
+
+def test_the_command_line_never_reads_the_data_folder(tmp_path: Path) -> None:
+    """`xdlabel ingest` of the database file, the index folder or the data folder itself (directly, by
+    a symlink, or named in a list file) stores nothing from it: the data folder is never a source."""
+    data = tmp_path / "data"
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(data), "XDLABEL_SHORT_SIDE": "64"}
+    photo = make_images(tmp_path / "photos", 1)[0]
+    assert run(["ingest", str(photo), "--dataset", "d"], env).returncode == 0  # the database now exists
+    (tmp_path / "link.db").symlink_to(data / "xdlabel.db")
+    (tmp_path / "list.txt").write_text(f"{data / 'xdlabel.db'}\n")
+    for source in (data / "xdlabel.db", data, data / "index", tmp_path / "link.db", tmp_path / "list.txt"):
+        r = run(["ingest", str(source), "--dataset", "leak", "--json"], env)
+        assert "Traceback" not in r.stderr, r.stderr
+        if r.returncode == 0:  # a folder with nothing allowed in it: nothing added, nothing read
+            assert json.loads(r.stdout)["added"] == 0, (source, r.stdout)
+        else:
+            assert r.returncode == 2 and "data folder" in r.stderr, (source, r.stderr)
+    r = run(["search", "a circle", "--json"], env)
+    assert {hit["uri"] for hit in json.loads(r.stdout)} == {photo.name}, "something else was stored"
