@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 
 from tests.conftest import PARITY
 from xdecoder import Predictor
 from xdecoder.modeling.xdecoder import XDecoder
-from xdecoder.predictor import PredictorSettings
+from xdecoder.predictor import Features, PredictorSettings
 from xdecoder.transforms import ImageInputError, to_rgb
 
 CLASSES = ["person", "dog", "car", "sky", "grass"]
@@ -206,3 +208,72 @@ def test_caption_text_is_cleaned_up_like_the_official_decode(predictor: Predicto
     row = ids[0, : int(mask[0].sum())].tolist()
     # As greedy decoding leaves it: start token, caption, end token, start-token filler.
     assert predictor.tokenizer.decode_caption(row + [49406] * 5) == expected
+
+
+def _crafted(features: Features, masks: dict[int, Tensor], embeddings: dict[int, Tensor]) -> Features:
+    """The image's features with every query's mask empty except ``masks``, and some embeddings replaced."""
+    image = features.images[0]
+    logits = torch.full_like(image.mask_logits, -10.0)
+    emb = image.embeddings.clone()
+    for q, m in masks.items():
+        logits[q] = m
+    for q, e in embeddings.items():
+        emb[q] = e
+    return Features([dataclasses.replace(image, mask_logits=logits, embeddings=emb)])
+
+
+def test_weak_and_empty_region_queries_are_rejected(parity_model: XDecoder, other: Image.Image) -> None:
+    """Crafted queries on a real image's features: a confident mask on an object-like embedding, a barely-positive
+    mask on a typical query, a confident mask on a background-like embedding, and an empty mask. Only the
+    first is a region at the default threshold."""
+    predictor = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=160))
+    features = predictor.encode(other)
+    h4, w4 = features.images[0].mask_logits.shape[1:]
+    with torch.inference_mode():
+        names = predictor.class_embeddings(predictor.settings.region_vocabulary)
+    # Along the object - background direction: the most object-like and background-like embeddings.
+    obj = (names[0] - names[-1]) / (names[0] - names[-1]).norm()
+    background = -obj
+
+    def box(k: int, value: float) -> Tensor:  # disjoint boxes, so de-duplication plays no part
+        m = torch.full((h4, w4), -10.0)
+        m[2:12, 2 + 14 * k: 12 + 14 * k] = value
+        return m
+
+    strong, background_like, empty = 3, 11, 20
+    with torch.inference_mode():  # weak: the query of median objectness, given a barely-positive mask
+        real = predictor.region_objectness(features.images[0])[:-1]
+    weak = int(real.argsort()[len(real) // 2])
+    assert 0.1 < real[weak] < 0.9 and weak not in (strong, background_like, empty)
+    crafted = _crafted(features, {strong: box(0, 10.0), weak: box(1, 0.05), background_like: box(2, 10.0),
+                                  empty: torch.full((h4, w4), -10.0)},
+                       {strong: obj, background_like: background})
+    with torch.inference_mode():
+        objectness = predictor.region_objectness(crafted.images[0])
+        scores, _ = predictor.region_scores(crafted.images[0])
+    assert objectness[strong] > 0.9 and objectness[background_like] < 0.1  # the crafting did what it meant
+    regions = predictor.region_embeddings(crafted)[0]
+    assert [r.query for r in regions] == [strong]
+    assert regions[0].score > 0.9 and regions[0].mask.any()
+    # The old score (mean mask probability inside the mask) let all three non-empty ones through.
+    assert scores[empty] == 0 and scores[weak] < 0.5 and scores[background_like] < 0.1
+
+
+def test_region_count_follows_the_threshold(parity_model: XDecoder, photo: Image.Image) -> None:
+    """Thresholds 0, 0.05, ..., 1 on one image: the regions kept at a higher threshold are a subset of those
+    kept at a lower one, every kept score is above its threshold, and the count takes several values."""
+    predictor = Predictor(parity_model, device="cpu",
+                          settings=PredictorSettings(short_side=160, max_regions=101))
+    features = predictor.encode(photo)
+    previous: set[int] | None = None
+    counts = []
+    for threshold in np.linspace(0, 1, 21):
+        predictor.settings = dataclasses.replace(predictor.settings, region_min_score=float(threshold))
+        regions = predictor.region_embeddings(features)[0]
+        kept = {r.query for r in regions}
+        assert all(r.score >= threshold for r in regions)
+        if previous is not None:
+            assert kept <= previous
+        previous = kept
+        counts.append(len(kept))
+    assert counts[0] > 0 and counts[-1] == 0 and len(set(counts)) >= 3, counts

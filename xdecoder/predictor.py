@@ -76,7 +76,10 @@ class PredictorSettings:
     max_size: int | None = 2048  # guards memory on extreme aspect ratios
     object_mask_threshold: float | None = None  # None: the model config's (0.8)
     overlap_threshold: float | None = None
+    # A region's score is objectness x mean mask probability inside its mask (see region_embeddings);
+    # 0.5 keeps regions whose mask is confident and that are more likely an object than background.
     region_min_score: float = 0.5
+    region_vocabulary: tuple[str, ...] = ("object",)  # the classes objectness is measured against
     region_nms_iou: float = 0.8
     max_regions: int = 20
     caption_steps: int | None = None  # None: the model config's (50 for released models)
@@ -364,21 +367,41 @@ class Predictor:
                 rows.append(torch.cat([a / a.norm(), b / b.norm()]) / math.sqrt(2.0))
         return torch.stack(rows).cpu().numpy()
 
+    def region_objectness(self, image: EncodedImage) -> Tensor:
+        """[Q] class-agnostic objectness per query: 1 - the no-object probability.
+
+        The official heads classify by softmax over the class names plus "background", which plays
+        the no-object class (SPEC §5); instance scores use that class probability (SPEC §4.3). With no
+        class list, the names are ``settings.region_vocabulary`` and objectness is 1 - P(background),
+        i.e. the summed probability of the vocabulary's classes.
+        """
+        return 1 - self._logits(image, self.settings.region_vocabulary).softmax(-1)[:, -1]
+
+    def region_scores(self, image: EncodedImage) -> tuple[Tensor, Tensor]:
+        """([Q] scores, [Q, h, w] binary masks) at the decoder's 1/4 resolution inside the image.
+
+        score = objectness x mean mask probability inside the binary mask (logit > 0), the official
+        instance score (SPEC §4.3) with a class-agnostic class term; an empty mask scores 0. The mask
+        term alone is always above 0.5 for a non-empty mask, so it cannot tell weak queries apart.
+        """
+        low = image.mask_logits[:, : -(-image.geometry.resized[0] // 4), : -(-image.geometry.resized[1] // 4)]
+        binary = low > 0
+        area = binary.flatten(1).sum(1)
+        mask_score = (low.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (area + 1e-6)
+        return self.region_objectness(image) * mask_score * (area > 0), binary
+
     def region_embeddings(self, features: Features) -> list[list[Region]]:
-        """Class-agnostic regions (confident, de-duplicated query masks) with their embeddings."""
+        """Class-agnostic regions with their embeddings: queries scoring at least
+        ``settings.region_min_score`` (see ``region_scores``), best first, de-duplicated by mask IoU."""
         s = self.settings
         results = []
         with self._context():
             for image in features:
                 q = image.embeddings.shape[0]
-                # Choose and de-duplicate at the decoder's 1/4 resolution, inside the image (not its
-                # padding); upsample only the chosen.
-                low = image.mask_logits[:, : -(-image.geometry.resized[0] // 4), : -(-image.geometry.resized[1] // 4)]
-                binary = low > 0
-                area = binary.flatten(1).sum(1)
-                quality = (low.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (area + 1e-6)
-                order = [int(i) for i in quality.argsort(descending=True) if area[i] > 0
-                         and quality[i] >= s.region_min_score and i < q - 1]  # class query is the image
+                # Choose and de-duplicate at the decoder's 1/4 resolution; upsample only the chosen.
+                score, binary = self.region_scores(image)
+                order = [int(i) for i in score.argsort(descending=True, stable=True)
+                         if score[i] > 0 and score[i] >= s.region_min_score and i < q - 1]  # class query: the image
                 chosen: list[int] = []
                 for i in order:
                     inter = (binary[chosen] & binary[i]).flatten(1).sum(1).float()
@@ -393,7 +416,7 @@ class Predictor:
                 boxes = masks_to_boxes(masks)
                 emb = image.embeddings[idx]
                 emb = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
-                results.append([Region(masks[k].cpu().numpy(), _box(boxes[k]), emb[k], float(quality[i]), i)
+                results.append([Region(masks[k].cpu().numpy(), _box(boxes[k]), emb[k], float(score[i]), i)
                                 for k, i in enumerate(chosen) if masks[k].any()])
         return results
 

@@ -57,5 +57,5 @@ class Region:
     mask: np.ndarray  # [H, W] bool
     box: tuple[float, float, float, float]
     embedding: np.ndarray  # [D] unit vector, comparable with text_embeddings()
-    score: float  # mean mask probability inside the mask
+    score: float  # objectness x mean mask probability inside the mask (Predictor.region_scores)
     query: int
