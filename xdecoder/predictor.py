@@ -216,12 +216,12 @@ class Predictor:
                 seg_map, infos = panoptic_segments(
                     self._logits(image, class_names), image.upsampler(), stuff_ids,
                     object_mask_threshold=object_thr, overlap_threshold=overlap_thr)
-                ids = torch.tensor([info.id for info in infos], dtype=torch.int32)
-                masks = seg_map[None] == ids[:, None, None]
-                boxes = masks_to_boxes(masks)
-                segments = [Segment(info.id, info.category_id, class_names[info.category_id], info.isthing,
-                                    info.score, int(masks[k].sum()), _box(boxes[k]), info.query)
-                            for k, info in enumerate(infos)]
+                segments = []
+                for info in infos:  # one full-size mask at a time
+                    mask = seg_map == info.id
+                    segments.append(Segment(info.id, info.category_id, class_names[info.category_id],
+                                            info.isthing, info.score, int(mask.sum()),
+                                            _box(masks_to_boxes(mask[None])[0]), info.query))
                 results.append(PanopticResult(seg_map.cpu().numpy(), segments))
         return results
 
@@ -269,10 +269,14 @@ class Predictor:
                 v = head.embeddings[0].float()
                 sim = scale * (v / (v.norm(dim=-1, keepdim=True) + 1e-7)) @ t.float().t()  # [Q-1, P]
                 best_scores, best = sim.max(0)
-                logits = image.upsampler(head.masks[0].float())(best)
-                results.append([GroundingResult(p, (logits[k] > 0).cpu().numpy(), logits[k].cpu().numpy(),
-                                                float(best_scores[k]), int(best[k]))
-                                for k, p in enumerate(phrases)])
+                found = []
+                for start, logits in image.upsampler(head.masks[0].float()).chunks(best):
+                    for j in range(logits.shape[0]):
+                        k = start + j
+                        found.append(GroundingResult(phrases[k], (logits[j] > 0).cpu().numpy(),
+                                                     logits[j].cpu().clone().numpy(), float(best_scores[k]),
+                                                     int(best[k])))
+                results.append(found)
         return results
 
     # -- captioning ----------------------------------------------------------------------------
@@ -412,12 +416,16 @@ class Predictor:
                     if len(chosen) == s.max_regions:
                         break
                 idx = torch.tensor(chosen, dtype=torch.int64)
-                masks = image.upsampler()(idx) > 0
-                boxes = masks_to_boxes(masks)
                 emb = image.embeddings[idx]
                 emb = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
-                results.append([Region(masks[k].cpu().numpy(), _box(boxes[k]), emb[k], float(score[i]), i)
-                                for k, i in enumerate(chosen) if masks[k].any()])
+                regions = []
+                for start, logits in image.upsampler().chunks(idx):
+                    for j in range(logits.shape[0]):
+                        k, mask = start + j, logits[j] > 0
+                        if mask.any():
+                            regions.append(Region(mask.cpu().numpy(), _box(masks_to_boxes(mask[None])[0]), emb[k],
+                                                  float(score[chosen[k]]), chosen[k]))
+                results.append(regions)
         return results
 
 
