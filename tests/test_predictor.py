@@ -277,3 +277,17 @@ def test_region_count_follows_the_threshold(parity_model: XDecoder, photo: Image
         previous = kept
         counts.append(len(kept))
     assert counts[0] > 0 and counts[-1] == 0 and len(set(counts)) >= 3, counts
+
+
+def test_bit_depth_comes_from_the_dtype_not_the_values() -> None:
+    """A dark 16-bit image (every value <= 255) stays dark; 8-bit and wide-integer 0-255 arrays keep their values;
+    PIL's 32-bit 'I' mode (16-bit grayscale files) is 16-bit; wide integers past 255 are refused."""
+    dark = np.full((4, 4), 200, dtype=np.uint16)
+    assert (to_rgb(dark) == 0).all()  # 200/65535 of full scale
+    assert (to_rgb(np.full((4, 4), 51400, dtype=np.uint16)) == 200).all()
+    assert (to_rgb(np.full((4, 4), 200, dtype=np.uint8)) == 200).all()
+    assert (to_rgb(np.full((4, 4), 200, dtype=np.int64)) == 200).all()
+    assert (to_rgb(np.full((4, 4), -5, dtype=np.int16)) == 0).all()
+    assert (to_rgb(Image.fromarray(np.full((4, 4), 51400, dtype=np.int32), mode="I")) == 200).all()
+    with pytest.raises(ImageInputError, match="uint16"):
+        to_rgb(np.full((4, 4), 1000, dtype=np.int32))

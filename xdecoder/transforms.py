@@ -30,8 +30,15 @@ def _array_to_uint8(arr: np.ndarray) -> np.ndarray:
         scale = 255.0 if arr.max(initial=0.0) <= 1.0 else 1.0  # [0, 1] floats or 0-255 floats
         return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
-        bits = 16 if arr.max(initial=0) > 255 else 8  # 16-bit scans keep their contrast
-        return (arr >> 8).astype(np.uint8) if bits == 16 else arr.astype(np.uint8)
+        # The dtype says the bit depth, not the values: a dark 16-bit scan stays dark.
+        if arr.dtype.itemsize == 1:
+            return np.clip(arr, 0, 255).astype(np.uint8)
+        if arr.dtype.itemsize == 2:
+            return (np.clip(arr, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
+            raise ImageInputError(f"{arr.dtype} image array has values outside 0-255; pass uint16 for "
+                                  "16-bit images")
+        return arr.astype(np.uint8)
     raise ImageInputError(f"unsupported image array dtype {arr.dtype}")
 
 
@@ -39,7 +46,9 @@ def to_rgb(image: ImageInput) -> np.ndarray:
     """Upright uint8 RGB [H, W, 3]. Applies EXIF orientation; alpha is composited on white."""
     if isinstance(image, Image.Image):
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        if image.mode == "I":  # 32-bit integer pixels: PIL's mode for 16-bit grayscale files
+            return to_rgb(np.clip(np.asarray(image), 0, 65535).astype(np.uint16))
+        if image.mode in ("I;16", "I;16B", "I;16L", "F"):
             return to_rgb(np.asarray(image))
         if image.mode == "P" and "transparency" in image.info:
             image = image.convert("RGBA")
