@@ -186,7 +186,8 @@ class Predictor:
     def _logits(self, image: EncodedImage, class_names: Sequence[str]) -> Tensor:
         if not class_names:
             raise ValueError("class_names is empty")
-        return self.model.decoder.class_logits(image.embeddings, self.class_embeddings(class_names))
+        # float32 even under autocast: the post-processing thresholds and returns these scores.
+        return self.model.decoder.class_logits(image.embeddings, self.class_embeddings(class_names)).float()
 
     def semantic(self, features: Features, class_names: Sequence[str], *,
                  return_scores: bool = False) -> list[SemanticResult]:
