@@ -133,6 +133,21 @@ def test_class_embeddings_are_cached(parity_model: XDecoder, other: Image.Image)
         hook.remove()
 
 
+def test_class_embedding_cache_is_bounded(parity_model: XDecoder, other: Image.Image) -> None:
+    """12 random class lists over 10 names with room for 5: the cache never holds more, keeps the most recently
+    used, and a name embedded again after eviction gets the same vector."""
+    predictor = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128, class_cache_size=5))
+    rng = np.random.default_rng(7)
+    names = [f"thing {i}" for i in range(10)]
+    first = predictor.class_embeddings([names[0]])[0].clone()
+    for _ in range(12):
+        chosen = [names[i] for i in rng.choice(10, size=2, replace=False)]
+        predictor.class_embeddings(chosen)
+        cache = list(predictor._class_embeddings)
+        assert len(cache) <= 5 and set(chosen + ["background"]) <= set(cache[-3:])
+    assert torch.allclose(predictor.class_embeddings([names[0]])[0], first)
+
+
 def test_empty_inputs_are_rejected(predictor: Predictor, other: Image.Image) -> None:
     features = predictor.encode(other)
     with pytest.raises(ValueError, match="class_names"):

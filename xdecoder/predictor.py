@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ class PredictorSettings:
     region_nms_iou: float = 0.8
     max_regions: int = 20
     caption_steps: int | None = None  # None: the model config's (50 for released models)
+    class_cache_size: int = 10_000  # class-name embeddings kept (least recently used dropped first)
 
 
 def _box(row: Tensor) -> tuple[float, float, float, float]:
@@ -104,7 +106,8 @@ class Predictor:
         self.tokenizer = ClipTokenizer(model.config.text.context_length)
         # fp16/bf16 autocast on CUDA only; CPU stays float32 for exactness.
         self.autocast = (self.device.type == "cuda") if autocast is None else autocast
-        self._class_embeddings: dict[str, Tensor] = {}  # per class name, across calls
+        # Per class name of this model, across calls; bounded, least recently used dropped first.
+        self._class_embeddings: OrderedDict[str, Tensor] = OrderedDict()
 
     # -- running the network -----------------------------------------------------------------
 
@@ -164,12 +167,18 @@ class Predictor:
         """[K+1, D]: each name averaged over the 81 templates, plus "background" (cached per name)."""
         names = list(class_names) + [BACKGROUND]
         cache = self._class_embeddings
-        missing = [n for n in dict.fromkeys(names) if n not in cache]
-        for name in missing:
+        found: dict[str, Tensor] = {}
+        for name in dict.fromkeys(names):
+            if name in cache:
+                cache.move_to_end(name)
+                found[name] = cache[name]
+                continue
             e = self._sentence_embeddings(class_prompts(name))
             e = (e / (e.norm(dim=-1, keepdim=True) + 1e-7)).mean(0)
-            cache[name] = e / e.norm()
-        return torch.stack([cache[n] for n in names])
+            found[name] = cache[name] = e / e.norm()
+        while len(cache) > max(self.settings.class_cache_size, 0):
+            cache.popitem(last=False)
+        return torch.stack([found[n] for n in names])
 
     def text_embeddings(self, texts: Sequence[str]) -> np.ndarray:
         """[N, D] unit sentence embeddings (no templates) in the joint image-text space."""
