@@ -320,3 +320,20 @@ def test_bit_depth_comes_from_the_dtype_not_the_values() -> None:
     assert (to_rgb(Image.fromarray(np.full((4, 4), 51400, dtype=np.int32), mode="I")) == 200).all()
     with pytest.raises(ImageInputError, match="uint16"):
         to_rgb(np.full((4, 4), 1000, dtype=np.int32))
+
+
+def test_in_place_row_permutation_matches_indexing() -> None:
+    """200 seeded random permutations (sizes 0-30, with fixed points and long cycles) of random rows."""
+    from xdecoder.postprocess import _permute_rows, masks_to_boxes
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        n = int(rng.integers(0, 31))
+        rows = torch.from_numpy(rng.random((n, 3, 4)) > 0.7)
+        order = rng.permutation(n).tolist()
+        expected = rows[order].clone() if n else rows.clone()
+        _permute_rows(rows, order)
+        assert torch.equal(rows, expected)
+        for box, mask in zip(masks_to_boxes(rows).tolist(), rows.numpy(), strict=True):
+            ys, xs = np.nonzero(mask)
+            assert box == ([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if ys.size else [0, 0, 0, 0])
