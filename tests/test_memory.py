@@ -5,9 +5,9 @@ task the peak RSS (VmHWM) is reset to the current RSS, so a task's peak extra me
 allocations included, which tracemalloc would not see. Measured on the shared 2-core CI machine:
 
 - 4000x3000 (12 MP): instance +1.34 GB, of which 1.2 GB are the 100 returned masks (asserted: at most
-  0.4 GB past the output); ground +0.13 GB; 20 regions +0.30 GB (asserted: each at most 1 GB);
-- 2000x1500 (3 MP): semantic +0.19 GB, panoptic +0.20 GB (asserted: at most 0.3 GB; the fixed-size
-  chunk of upsampled masks does not shrink with the image).
+  0.4 GB past the output); ground +0.13 to +0.15 GB; 20 regions +0.30 GB (asserted: each at most 1 GB);
+- 2000x1500 (3 MP): semantic +0.19 GB, panoptic +0.20 to +0.27 GB over runs (asserted: at most 0.4 GB;
+  the fixed-size chunk of upsampled masks and its temporaries do not shrink with the image).
 
 Before, instance segmentation of a 12 MP photo took +17.7 GB. Semantic and panoptic run at 3 MP to keep
 the test near a minute (by hand at 12 MP: +0.53 and +0.62 GB, ~30 and ~12 s).
@@ -101,7 +101,7 @@ def test_semantic_and_panoptic_on_a_3_megapixel_photo() -> None:
     m = _run(2000, 1500, ["semantic", "panoptic"])
     print("\n3 MP:", {k: (round(v["extra"] / GB, 3), round(v["output"] / GB, 3)) for k, v in m.items()})
     for task in ("semantic", "panoptic"):
-        assert m[task]["extra"] <= 0.3 * GB, task
+        assert m[task]["extra"] <= 0.4 * GB, task
 
 
 if __name__ == "__main__":
