@@ -357,3 +357,35 @@ def test_no_server_error_and_no_schema_violation(world: dict[str, Any]) -> None:
 
 
 EXAMPLES = 15
+
+
+def test_thumbnail_reads_only_the_verified_original(world: dict[str, Any]) -> None:
+    """An ingested photo is replaced by a symlink to an outside image (the secret PNG, then a copy of
+    the photo renamed outside, same size): a thumbnail of a size not cached yet is 404, the cache never
+    holds a thumbnail of the outside image; the sizes 16..1024 (all 1009 of them) make at most 5 files."""
+    services, outside = world["services"], world["outside"]
+    thumbs = services.settings.thumbnail_dir
+    with services.sessions() as session:
+        image = session.scalars(select(ImageRow).where(ImageRow.status == "done")).first()
+        image_id, path = image.id, Path(image.uri.removeprefix("file://"))
+    headers = {"X-API-Key": world["read"]}
+    with httpx.Client(base_url=world["url"], timeout=60) as client:
+        for size in range(16, 1025):
+            assert client.get(f"/v1/images/{image_id}/thumbnail", params={"size": size},
+                              headers=headers).status_code == 200, size
+        assert len(list(thumbs.iterdir())) <= 5
+        real = {p.name: p.read_bytes() for p in thumbs.iterdir()}
+        for name in real:
+            (thumbs / name).unlink()
+        original = path.read_bytes()
+        (outside / "other.png").write_bytes(_png_with(world["token"], Image.open(path).size))
+        path.unlink()
+        path.symlink_to(outside / "other.png")
+        for size in (16, 100, 256, 1024):
+            r = client.get(f"/v1/images/{image_id}/thumbnail", params={"size": size}, headers=headers)
+            assert r.status_code == 404 and _clean(r, world), r.text
+        assert list(thumbs.iterdir()) == []
+        path.unlink()
+        path.write_bytes(original)
+        r = client.get(f"/v1/images/{image_id}/thumbnail", params={"size": 100}, headers=headers)
+        assert r.status_code == 200 and r.content in real.values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from pathlib import Path as FilePath
 from typing import Annotated, Any
 from urllib.parse import unquote, urlparse
@@ -49,6 +50,7 @@ PathId = Annotated[int, Path(ge=0, le=INT64_MAX, description="a 64-bit id")]
 IMAGE_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES.values()},
           "description": "the image"}}
+THUMBNAIL_SIZES = (64, 128, 256, 512, 1024)
 
 
 
@@ -145,6 +147,21 @@ def _served_path(services: Services, image: Image) -> FilePath:
     return path
 
 
+def _verified_bytes(services: Services, image: Image) -> bytes:
+    """The original's bytes, read once and only when they are still the ingested ones (same sha256,
+    under the limit); everything served or rendered from the original comes from these bytes."""
+    path = _served_path(services, image)
+    limit = services.settings.max_image_bytes
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError:  # unreadable now (permissions, removed): as unavailable as a missing file
+        raise HTTPException(404, f"the original of image {image.id} is not available") from None
+    if len(data) > limit or hashlib.sha256(data).hexdigest() != image.sha256:
+        raise HTTPException(404, f"the original of image {image.id} changed since it was ingested")
+    return data
+
+
 def _image_out(services: Services, image: Image) -> ImageOut:
     values = {c: getattr(image, c) for c in ImageOut.model_fields if c != "tags"}
     values["uri"] = public_uri(image.uri, services.settings.source_roots)
@@ -165,15 +182,7 @@ def get_original(image_id: PathId, services: ServicesDep) -> Response:
     """The stored file, only when it is still the image that was ingested (same bytes, decodes as a
     JPEG, PNG, GIF, WebP, BMP or TIFF within the pixel limit), with that format's content type."""
     image = _image(services, image_id)
-    path = _served_path(services, image)
-    limit = services.settings.max_image_bytes
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError:  # unreadable now (permissions, removed): as unavailable as a missing file
-        raise HTTPException(404, f"the original of image {image.id} is not available") from None
-    if len(data) > limit or hashlib.sha256(data).hexdigest() != image.sha256:
-        raise HTTPException(404, f"the original of image {image.id} changed since it was ingested")
+    data = _verified_bytes(services, image)
     with open_image(data, services.settings.max_image_pixels, f"the original of image {image.id}") as opened:
         media = MEDIA_TYPES[str(opened.format)]
     return Response(data, media_type=media)
@@ -181,18 +190,22 @@ def get_original(image_id: PathId, services: ServicesDep) -> Response:
 
 @router.get("/images/{image_id}/thumbnail", dependencies=[READ], tags=["images"], response_class=Response,
             responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
-                             "description": "a JPEG at most size x size"}})
+                             "description": "a JPEG at most size x size (size rounded up to a bucket)"}})
 def get_thumbnail(image_id: PathId, services: ServicesDep, size: Annotated[int, Query(ge=16, le=1024)] = 256
                   ) -> Response:
+    """A JPEG of the verified original (as /original checks it), at most ``size`` rounded up to
+    64, 128, 256, 512 or 1024 pixels a side."""
     image = _image(services, image_id)
+    size = next(b for b in THUMBNAIL_SIZES if b >= size)  # a few files per image, whatever sizes are asked
     cached = services.settings.thumbnail_dir / f"{image.sha256}-{size}.jpg"
     if not cached.is_file():
         what = f"the original of image {image.id}"
-        with open_image(_served_path(services, image), services.settings.max_image_pixels, what) as original:
+        data = _verified_bytes(services, image)  # never a path opened again after the check
+        with open_image(data, services.settings.max_image_pixels, what) as original:
             thumb = decode(original, what, size=(size, size)).convert("RGB")
             thumb.thumbnail((size, size))
             cached.parent.mkdir(parents=True, exist_ok=True)
-            partial = cached.with_suffix(".part")
+            partial = cached.with_suffix(f".{uuid.uuid4().hex}.part")
             thumb.save(partial, "JPEG", quality=85)
             partial.replace(cached)  # a reader never sees half a file
     return Response(cached.read_bytes(), media_type="image/jpeg")
