@@ -151,3 +151,58 @@ def test_killed_ingest_resumes_with_nothing_lost_or_duplicated(tmp_path: Path) -
     assert report.count == 24
     assert services.store.sync(model.version_id, "image", model.image_dim).action == "loaded"
     engine.dispose()
+
+
+def test_a_dataset_deleted_mid_run_stops_the_run_and_no_other_dataset_gets_its_images(
+        migrated_url: str, tmp_path: Path) -> None:
+    """Injected: after the first batch is written, the dataset is deleted (images and vectors with it)
+    and a new dataset is created at once; on SQLite it takes the deleted one's id. The run must stop
+    with a clear error and the new dataset must receive nothing."""
+    from index.models import Dataset
+    from xdlabel.ingest import DatasetGone
+
+    services = Services(Settings(data_dir=tmp_path / "data", database_url=migrated_url, short_side=64,
+                                 caption_steps=2))
+    paths = make_images(tmp_path / "photos", 8)
+    swapped: list[int] = []
+
+    def delete_and_replace(report: object) -> None:
+        if swapped:
+            return
+        with services.sessions() as s:
+            victim = s.scalars(select(Dataset).where(Dataset.name == "victim")).one()
+            services.store.remove_images(s, list(s.scalars(select(ImageRow.id).where(
+                ImageRow.dataset_id == victim.id))))
+            s.delete(victim)
+            s.commit()
+            s.add(Dataset(name="innocent"))
+            s.commit()
+            swapped.append(s.scalars(select(Dataset.id).where(Dataset.name == "innocent")).one())
+
+    pipeline = IngestPipeline(services, "victim", batch_size=2, progress=delete_and_replace)
+    with pytest.raises(DatasetGone, match="'victim' was deleted"):
+        pipeline.run([Item(p.resolve().as_uri()) for p in paths])
+    with services.sessions() as s:
+        assert not s.scalar(select(func.count()).select_from(ImageRow).where(ImageRow.dataset_id == swapped[0]))
+        assert not s.scalar(select(func.count()).select_from(Embedding))
+    if migrated_url.startswith("sqlite"):
+        assert swapped[0] == pipeline.dataset_id  # the id was reused: the case that used to leak
+    services.close()
+
+
+def test_a_stop_is_heeded_while_skipping_stored_items(tmp_path: Path) -> None:
+    """Injected: a run over 4000 items that are all stored already (one file named 4000 times) is asked
+    to stop after 0.5 s; it stops within about a second instead of walking every item."""
+    services = Services(Settings(data_dir=tmp_path / "data", short_side=64, caption_steps=2))
+    upgrade(services.settings.sqlalchemy_url)
+    photo = make_images(tmp_path / "photos", 1)[0]
+    assert IngestPipeline(services, "d").run([Item(photo.resolve().as_uri())]).added
+    items = [Item(photo.resolve().as_uri(), {"n": n}) for n in range(4000)]
+    reports: list[int] = []
+    start = time.monotonic()
+    report = IngestPipeline(services, "d", should_stop=lambda: time.monotonic() - start > 0.5,
+                            progress=lambda r: reports.append(len(r.duplicates))).run(items)
+    assert report.cancelled and len(report.duplicates) < len(items)
+    assert time.monotonic() - start < 5
+    assert reports, "no progress was reported while skipping"
+    services.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from annotator.convert import mask_to_coco_rle
 from annotator.labeling import LabelingConfig, parse_labeling_config
 from annotator.outbox import DeliveryReport, Outbox, Outgoing, enqueue
 from annotator.prelabel import PrelabelSettings, predictions
-from index.models import Image, ImageTag, Prediction
+from index.models import Dataset, Image, ImageTag, Prediction
 from index.repository import get_or_create_dataset, insert_image_if_new
 from index.retry import is_transient_db_error, retry
 from index.store import NewEmbedding
@@ -55,6 +56,12 @@ from xdlabel.settings import Settings, labelstudio_client
 from xdlabel.sources import Item
 
 log = logging.getLogger(__name__)
+SKIP_CHECK_SECONDS = 1.0  # while skipping stored items: how often to look for a stop and report progress
+
+
+class DatasetGone(RuntimeError):
+    """The dataset a run writes into was deleted while it ran: what was written stays deleted with
+    it, nothing more is added (on SQLite a new dataset may even have taken its id)."""
 
 
 @dataclass
@@ -260,12 +267,21 @@ class IngestPipeline:
                 pending.append(pool.submit(self.decode, item))
 
         refill()
+        next_look = time.monotonic() + SKIP_CHECK_SECONDS
         while pending and not writer_error:
             decoded = pending.pop(0).result()
             refill()
             if is_known(decoded, known, self.retry_keys) or decoded.digest in seen:
                 with self._lock:
                     self.report.duplicates.append(decoded.item.uri)
+                # A long stretch of stored items writes no batch: still heed a stop and show progress.
+                if time.monotonic() >= next_look:
+                    next_look = time.monotonic() + SKIP_CHECK_SECONDS
+                    if self.progress:
+                        self.progress(self.report)
+                    if self.should_stop and self.should_stop():
+                        self.report.cancelled = True
+                        return
                 continue
             seen.add(decoded.digest)
             (failures if decoded.error else batch).append(decoded)
@@ -305,8 +321,14 @@ class IngestPipeline:
         """Writes one batch in one transaction (run again whole if the database was busy or another
         writer got in between). Images already in the dataset, whoever stored them and when, and
         repeats inside the batch count as duplicates; only images inserted here get vectors."""
-        written = retry(lambda: self._write_once(batch), transient=_lost_race, attempts=8, first_wait=0.1,
-                        max_wait=3.0, what=f"ingest batch into {self.dataset!r}")
+        try:
+            written = retry(lambda: self._write_once(batch), transient=_lost_race, attempts=8, first_wait=0.1,
+                            max_wait=3.0, what=f"ingest batch into {self.dataset!r}")
+        except IntegrityError:  # a foreign key: the dataset was deleted under this batch
+            with self.services.sessions() as session:
+                if session.scalar(select(Dataset.name).where(Dataset.id == self.dataset_id)) != self.dataset:
+                    raise self._gone() from None
+            raise
         with self._lock:
             self.stored |= written.stored
             self.report.added += written.added
@@ -353,10 +375,19 @@ class IngestPipeline:
                             [Outgoing(meta["ls_project"], meta["ls_task"], batch.ls_predictions[k], image_id)])
                 out.added.append(image_id)
                 out.stored.add(digest)
+            # Still our dataset? Checked after this batch's inserts, so on SQLite (one writer, whose
+            # lock this transaction now holds) nobody can delete it between the check and the commit;
+            # on PostgreSQL the inserts' foreign keys lock its row until the commit.
+            if session.scalar(select(Dataset.name).where(Dataset.id == self.dataset_id)) != self.dataset:
+                raise self._gone()
             # One transaction per batch: images, predictions and vectors land together or not at all.
             self.services.store.add_embeddings(session, model.version_id,
                                                {"image": model.image_dim, "region": model.region_dim}, items)
         return out
+
+    def _gone(self) -> DatasetGone:
+        return DatasetGone(f"dataset {self.dataset!r} was deleted while this run was writing to it; nothing more "
+                           "is added")
 
     def _write_failure(self, session: Session, d: Decoded, out: Written) -> None:
         new = insert_image_if_new(session, dataset_id=self.dataset_id, uri=d.item.uri, sha256=d.digest,
