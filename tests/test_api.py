@@ -403,3 +403,104 @@ def test_ready_without_a_loadable_model_is_503(tmp_path: Path) -> None:
         assert r.status_code == 503 and "model did not load" in r.json()["error"]["message"]
         assert str(tmp_path) not in r.text
     services.engine.dispose()
+
+
+SURROGATE = "\\ud800"  # a lone surrogate as a JSON escape: valid JSON, not valid Unicode text
+
+
+def _raw(client: httpx.Client, path: str, body: str) -> httpx.Response:
+    return client.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+
+
+def test_lone_surrogates_and_overflowing_instants_are_422(api) -> None:  # type: ignore[no-untyped-def]
+    """A lone surrogate in every string field of the request models (11 bodies) and instants whose
+    offset pushes them past year 1 or 9999 in UTC: 422 with a message, nothing stored, the job list
+    still answers; a job row stored earlier with such text (SQLite keeps it) is shown with "?"."""
+    client, services = api["client"], api["services"]
+    s = SURROGATE
+    bodies = [("/v1/jobs", f'{{"dataset":"d","sources":["http://a/{s}"]}}'),
+              ("/v1/jobs", f'{{"dataset":"d","sources":["http://a/x"],"tags":["{s}"]}}'),
+              ("/v1/jobs", f'{{"dataset":"d","sources":["/roots/{s}"]}}'),
+              ("/v1/jobs", f'{{"dataset":"d{s}","sources":["http://a/x"]}}'),
+              ("/v1/search/text", f'{{"query":"a{s}"}}'),
+              ("/v1/search/text", f'{{"query":"a","negative":"{s}"}}'),
+              ("/v1/search/text", f'{{"query":"a","filters":{{"tags":["{s}"]}}}}'),
+              ("/v1/search/text", f'{{"query":"a","filters":{{"meta":{{"k":"{s}"}}}}}}'),
+              ("/v1/search/text", f'{{"query":"a","filters":{{"meta":{{"k{s}":"v"}}}}}}'),
+              ("/v1/datasets", f'{{"name":"n{s}"}}'),
+              ("/v1/datasets", f'{{"name":"n","description":"{s}"}}')]
+    for path, body in bodies:
+        r = _raw(client, path, body)
+        assert r.status_code == 422 and r.json()["error"]["message"], (path, body, r.text)
+    r = client.post("/v1/search/image", data={"image_id": "1", "filters": f'{{"tags":["{s}"]}}'})
+    assert r.status_code == 422, r.text
+    for instant in ("0001-01-01T00:00:00+23:59", "9999-12-31T23:59:59-23:59"):
+        for field in ("created_after", "created_before"):
+            r = client.post("/v1/search/text", json={"query": "a", "filters": {field: instant}})
+            assert r.status_code == 422 and "out of range" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/search/text", json={"query": "a", "filters": {"created_after": "2020-01-01T05:00:00+05:00"}})
+    assert r.status_code == 200 and r.json()["hits"]
+    jobs_now = client.get("/v1/jobs")
+    assert jobs_now.status_code == 200 and jobs_now.json() == []
+    if services.engine.dialect.name == "sqlite":  # PostgreSQL would not store it at all
+        from xdlabel import jobs
+
+        with services.sessions() as session:
+            jobs.submit(session, "ingest", {"dataset": "d", "sources": ["http://a/\ud800"], "tags": ["\ud800"]})
+        r = client.get("/v1/jobs")
+        assert r.status_code == 200 and r.json()[0]["params"]["tags"] == ["?"], r.text
+
+
+def test_webhook_bodies_of_the_wrong_shape_are_4xx(api) -> None:  # type: ignore[no-untyped-def]
+    """13 webhook bodies with wrong types (strings for objects, objects or huge numbers for ids, a
+    lone surrogate, NUL): 4xx with a message, never 500; then Label Studio-shaped bodies (created,
+    deleted, START_TRAINING) still store, delete and queue."""
+    from sqlalchemy import select
+
+    from index.models import Annotation
+
+    services = api["services"]
+    services.settings.ml_backend_password = "pw"
+    ml = httpx.Client(base_url=api["url"], auth=("xdlabel", "pw"), timeout=30)
+    created = "ANNOTATION_CREATED"
+    bad = [{"action": created, "annotation": "xid"}, {"action": created, "annotation": {"id": {"a": 1}}},
+           {"action": created, "annotation": {"id": 99999999999999999999999}},
+           {"action": created, "annotation": {"id": 2**40}}, {"action": created, "annotation": {"id": "abc"}},
+           {"action": created, "annotation": {"id": 1}, "task": [1]}, {"action": created, "annotation": {}},
+           {"action": "ANNOTATIONS_DELETED", "annotations": ["id"]},
+           {"action": "ANNOTATIONS_DELETED", "annotations": 5}, {"action": "START_TRAINING", "project": "abc"},
+           {"action": "START_TRAINING", "project": {"label_config": 5}},
+           {"action": created, "annotation": {"id": 1, "result": ["a\x00"]}}]
+    for body in bad:
+        r = ml.post("/ml/webhook", json=body)
+        assert 400 <= r.status_code < 500 and r.json()["error"]["message"], (body, r.text)
+    r = ml.post("/ml/webhook", content=b'{"action":"ANNOTATION_CREATED","annotation":{"id":1,"x":"\\ud800"}}',
+                headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    project = {"id": 3, "title": "p", "label_config": "<View/>"}
+    annotation = {"id": 41, "result": [{"type": "brushlabels", "value": {"format": "rle"}}], "task": 7, "project": 3}
+    r = ml.post("/ml/webhook", json={"action": created, "annotation": annotation, "project": project,
+                                     "task": {"id": 7, "data": {"image": "/data/x.png"}, "project": 3}})
+    assert r.status_code == 200 and r.json() == {"status": "stored", "annotation": 41}, r.text
+    with services.sessions() as session:
+        row = session.scalar(select(Annotation).where(Annotation.ls_annotation_id == 41))
+        assert (row.ls_task_id, row.ls_project_id, row.task_data) == (7, 3, {"image": "/data/x.png"})
+        assert row.payload == annotation and row.deleted_at is None
+    r = ml.post("/ml/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 41}], "project": project})
+    assert r.status_code == 200 and r.json()["annotations"] == [41]
+    r = ml.post("/ml/webhook", json={"action": "START_TRAINING", "project": project})
+    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+    with services.sessions() as session:
+        assert session.scalar(select(Annotation).where(Annotation.ls_annotation_id == 41)).deleted_at is not None
+    ml.close()
+
+
+def test_job_caps_and_repeated_sources(api) -> None:  # type: ignore[no-untyped-def]
+    """batch_size over 32 and over 1000 sources are 422; a source repeated 500 times is queued once."""
+    client = api["client"]
+    r = client.post("/v1/jobs", json={"dataset": "d", "sources": ["http://a/x"], "batch_size": 33})
+    assert r.status_code == 422
+    many = [f"http://a/{k}" for k in range(1001)]
+    assert client.post("/v1/jobs", json={"dataset": "d", "sources": many}).status_code == 422
+    r = client.post("/v1/jobs", json={"dataset": "d", "sources": ["http://a/x", "http://a/y"] * 250, "batch_size": 32})
+    assert r.status_code == 201 and r.json()["params"]["sources"] == ["http://a/x", "http://a/y"], r.text

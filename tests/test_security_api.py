@@ -389,3 +389,92 @@ def test_thumbnail_reads_only_the_verified_original(world: dict[str, Any]) -> No
         path.write_bytes(original)
         r = client.get(f"/v1/images/{image_id}/thumbnail", params={"size": 100}, headers=headers)
         assert r.status_code == 200 and r.content in real.values()
+
+
+def test_ml_predict_goes_in_chunks_in_task_order(world: dict[str, Any]) -> None:
+    """/ml/predict of 11 tasks (10 images of distinct sizes from a local origin playing Label Studio,
+    one missing file at index 5): 11 results in task order (each result's original size is its own
+    task's image; the missing one empty), and the model never encodes more than 4 images at once
+    (the encoder is wrapped to record batch sizes: it still runs for real)."""
+    services = world["services"]
+    folder = world["tmp"] / "ls" / "data"
+    folder.mkdir(parents=True)
+    sizes = [(96 + 16 * k, 64 + 8 * k) for k in range(11)]
+    for k, size in enumerate(sizes):
+        if k != 5:
+            Image.new("RGB", size, (20 * k, 90, 160)).save(folder / f"{k}.png")
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_Files, directory=str(world["tmp"] / "ls")))
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    services.settings.ls_url, services.settings.ls_token = f"http://127.0.0.1:{origin.server_address[1]}", "t"
+    predictor = services.predictor
+    batches: list[int] = []
+    encode = predictor.encode
+
+    def recording(images: Any, *args: Any, **kwargs: Any) -> Any:
+        batches.append(len(images))
+        return encode(images, *args, **kwargs)
+
+    predictor.encode = recording  # type: ignore[method-assign]
+    config = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
+              '<Label value="Ball" predicted_values="circle"/></BrushLabels></View>')
+    tasks = [{"id": k, "data": {"image": f"/data/{k}.png"}} for k in range(11)]
+    auth = {"Authorization": "Basic " + base64.b64encode(b"xdlabel:pw").decode()}
+
+    def ask(some: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        r = httpx.post(f"{world['url']}/ml/predict", json={"tasks": some, "label_config": config}, headers=auth,
+                       timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["results"]  # type: ignore[no-any-return]
+
+    try:
+        results = ask(tasks)
+        chunked = list(batches)
+        alone = {k: ask([tasks[k]])[0] for k in (0, 4, 6, 10)}  # each task on its own: the reference
+    finally:
+        origin.shutdown()
+        predictor.encode = encode  # type: ignore[method-assign]
+    assert len(results) == 11 and results[5]["result"] == [] and results[5]["score"] == 0.0
+    assert all(results[k]["score"] > 0 for k in range(11) if k != 5)
+    for k, result in alone.items():
+        assert results[k]["score"] == pytest.approx(result["score"], abs=1e-3), k
+    assert len({round(results[k]["score"], 4) for k in alone}) == len(alone)  # distinct: order is visible
+    assert sum(chunked) == 10 and max(chunked) <= 4 and len(chunked) >= 3, chunked
+
+
+def test_job_answers_hide_server_paths(world: dict[str, Any]) -> None:
+    """A job over the photos and the fake PNG (which fails) run by a real worker: its errors name the
+    file under the root, never the server's path. Then the job's error is set to a real SQLAlchemy
+    error whose statement carries a path parameter: the answer keeps one line, no SQL, no path."""
+    from sqlalchemy import text
+
+    from index.models import Job
+
+    services, root = world["services"], world["root"]
+    headers = {"X-API-Key": world["read"]}
+    with httpx.Client(base_url=world["url"], timeout=60) as client:
+        sources = [str(root / "photos"), str(root / "garbage.png")]
+        r = client.post("/v1/jobs", json={"dataset": "web", "sources": sources}, headers={"X-API-Key": world["write"]})
+        assert r.status_code == 201, r.text
+        job_id = r.json()["id"]
+        assert work(services, once=True) == 1
+        shown = client.get(f"/v1/jobs/{job_id}", headers=headers)
+        # params keep the sources as submitted; errors never show a server path
+        assert shown.status_code == 200 and str(world["tmp"]) not in str(shown.json()["errors"]), shown.text
+        assert [e["uri"] for e in shown.json()["errors"]] == ["garbage.png"]
+        with services.sessions() as session:
+            try:
+                session.execute(text("INSERT INTO no_such_table VALUES (:p)"), {"p": str(root / "x.png")})
+            except Exception as err:  # noqa: BLE001 - the real exception text is what is stored
+                raw = f"{type(err).__name__}: {err}"
+            session.rollback()
+            job = session.get(Job, job_id)
+            job.error = raw
+            session.commit()
+        assert "[SQL:" in raw and str(root) in raw
+        for shown in (client.get(f"/v1/jobs/{job_id}", headers=headers), client.get("/v1/jobs", headers=headers)):
+            body = shown.json() if isinstance(shown.json(), list) else [shown.json()]
+            assert shown.status_code == 200 and all(str(world["tmp"]) not in str((j["errors"], j["error"]))
+                                                    for j in body), shown.text
+        error = client.get(f"/v1/jobs/{job_id}", headers=headers).json()["error"]
+        assert error.startswith("OperationalError") and "\n" not in error and "SQL" not in error, error

@@ -418,8 +418,20 @@ def describe(job: Job) -> dict[str, Any]:
     rate = processed / elapsed if elapsed > 0 else 0.0
     remaining = (job.total - processed) if job.total is not None else None
     eta = remaining / rate if rate > 0 and remaining is not None and job.state == "running" else None
-    return {"id": job.id, "kind": job.kind, "state": job.state, "params": job.params, "total": job.total,
-            "done": job.done, "failed": job.failed, "images_per_s": round(rate, 3),
-            "eta_s": round(eta, 1) if eta is not None else None, "errors": job.errors, "error": job.error,
-            "worker": job.worker, "created_at": job.created_at, "started_at": job.started_at,
-            "finished_at": job.finished_at}
+    return _printable({
+        "id": job.id, "kind": job.kind, "state": job.state, "params": job.params, "total": job.total,
+        "done": job.done, "failed": job.failed, "images_per_s": round(rate, 3),
+        "eta_s": round(eta, 1) if eta is not None else None, "errors": job.errors, "error": job.error,
+        "worker": job.worker, "created_at": job.created_at, "started_at": job.started_at,
+        "finished_at": job.finished_at})
+
+
+def _printable(value: Any) -> Any:
+    """Text a JSON answer can carry: a row stored before lone surrogates were refused shows "?" for them."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(k): _printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_printable(v) for v in value]
+    return value

@@ -9,6 +9,7 @@ Every route needs HTTP basic auth (``XDLABEL_ML_BACKEND_USER`` / ``_PASSWORD``).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -19,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 
 from annotator.client import LabelStudioClient
@@ -175,67 +176,147 @@ def _read_images(client: LabelStudioClient, tasks: list[dict[str, Any]], config:
         return list(pool.map(read, tasks))
 
 
+PREDICT_CHUNK = 4  # tasks read, decoded and encoded together: memory follows the chunk, not the request
+
+
 @router.post("/predict")
 def predict(body: PredictRequest, services: ServicesDep, connections: ConnectionsDep) -> dict[str, Any]:
-    """One result per task, in order; a task whose image cannot be read gets an empty result."""
+    """One result per task, in order; a task whose image cannot be read gets an empty result. Tasks
+    go PREDICT_CHUNK at a time (read, encode, predict, dropped) and the model lock is taken per
+    chunk, so searches interleave with a long batch."""
     if not body.label_config:
         raise HTTPException(400, "label_config is missing")
     config = labeling_config(services, body.label_config)
     client = connections.client(services, body.project)
-    images = _read_images(client, body.tasks, config, services)
     version = services.model_version_name
     settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
     empty = {"result": [], "score": 0.0, "model_version": version}
     results: list[dict[str, Any]] = [dict(empty) for _ in body.tasks]
-    readable = [k for k, image in enumerate(images) if image is not None]
-    context = body.params.get("context")
-    if readable:
-        with _model_lock:  # one batch at a time: the model's memory is sized for one
+    raw_context = body.params.get("context")
+    context: dict[str, Any] = raw_context if isinstance(raw_context, dict) else {}
+    interactive_mode = bool(context.get("result"))
+    for start in range(0, len(body.tasks), PREDICT_CHUNK):
+        images = _read_images(client, body.tasks[start:start + PREDICT_CHUNK], config, services)
+        readable = [k for k, image in enumerate(images) if image is not None]
+        if not readable:
+            continue
+        with _model_lock:  # one chunk at a time: the model's memory is sized for one
             predictor = services.predictor
             features = predictor.encode([images[k] for k in readable])
-            if context and context.get("result"):
+            if interactive_mode:
                 out = [interactive(predictor, features, config, context, version, settings)]
             else:
                 out = predictions(predictor, features, config, version, settings)
+        del images, features
         for k, prediction in zip(readable, out, strict=False):
-            results[k] = prediction
+            results[start + k] = prediction
+        if interactive_mode:  # one answer: for the first readable task
+            break
     return {"results": results}
 
 
 _ANNOTATION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
+# Label Studio's ids are 32-bit serials; larger ones cannot be stored (PostgreSQL INTEGER columns).
+LsId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="allow")  # Label Studio sends many more fields; kept in the payload
+
+
+class ProjectRef(_Loose):
+    id: LsId | None = None
+    label_config: str = ""
+
+
+class TaskRef(_Loose):
+    id: LsId | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class AnnotationRef(_Loose):
+    id: LsId | None = None
+
+
+class AnnotationIn(_Loose):
+    id: LsId
+    task: LsId | TaskRef | None = None
+    project: LsId | ProjectRef | None = None
+
+
+class WebhookIn(_Loose):
+    """A webhook body as Label Studio sends it: project and task as objects (or bare ids)."""
+
+    action: str = ""
+    project: ProjectRef | LsId | None = None
+    task: TaskRef | LsId | None = None
+    annotation: AnnotationIn | None = None
+    annotations: list[AnnotationRef] = Field(default_factory=list, max_length=100_000)
+
+
+def _ref_id(ref: _Loose | int | None) -> int | None:
+    return ref if isinstance(ref, int) or ref is None else getattr(ref, "id", None)
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _webhook_body(body: dict[str, Any]) -> WebhookIn:
+    """The body checked: JSON the databases can store (valid Unicode, no NUL) and the expected types."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        raise HTTPException(422, "the webhook body holds text that is not valid Unicode") from None
+    if _has_nul(body):  # PostgreSQL's JSON refuses it
+        raise HTTPException(422, "the webhook body holds NUL characters")
+    try:
+        return WebhookIn.model_validate(body)
+    except ValidationError as err:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                 for e in err.errors(include_url=False, include_input=False)[:10]]
+        raise HTTPException(422, "invalid webhook body: " + "; ".join(parts)) from None
 
 
 @router.post("/webhook")
 def webhook(body: dict[str, Any], services: ServicesDep) -> dict[str, Any]:
     """Stores human annotations (upserted by Label Studio's id; deletions kept as deleted) and
     queues a fine-tuning job on START_TRAINING. Only SQL writes here: Label Studio waits 1 s."""
-    action = str(body.get("action", ""))
-    project = body.get("project") or {}
+    parsed = _webhook_body(body)
+    action = parsed.action
+    project_id = _ref_id(parsed.project)
     with services.sessions() as session:
         if action in _ANNOTATION_ACTIONS:
-            annotation, task = body.get("annotation") or {}, body.get("task") or {}
-            if "id" not in annotation:
+            annotation = parsed.annotation
+            if annotation is None:
                 raise HTTPException(422, f"{action} without an annotation id")
-            row = session.scalar(select(Annotation).where(Annotation.ls_annotation_id == annotation["id"]))
+            row = session.scalar(select(Annotation).where(Annotation.ls_annotation_id == annotation.id))
             if row is None:
-                row = Annotation(ls_annotation_id=annotation["id"])
+                row = Annotation(ls_annotation_id=annotation.id)
                 session.add(row)
-            row.ls_task_id = annotation.get("task") or task.get("id")
-            row.ls_project_id = annotation.get("project") or project.get("id")
-            row.payload, row.task_data, row.action = annotation, task.get("data", {}), action
+            task_data = parsed.task.data if isinstance(parsed.task, TaskRef) else {}
+            row.ls_task_id = _ref_id(annotation.task) or _ref_id(parsed.task)
+            row.ls_project_id = _ref_id(annotation.project) or project_id
+            row.payload, row.task_data, row.action = body["annotation"], task_data, action
             row.deleted_at = None
             session.commit()
-            return {"status": "stored", "annotation": annotation["id"]}
+            return {"status": "stored", "annotation": annotation.id}
         if action == "ANNOTATIONS_DELETED":
-            ids = [a["id"] for a in body.get("annotations", []) if "id" in a]
+            ids = [a.id for a in parsed.annotations if a.id is not None]
             now = datetime.now(UTC)
             for row in session.scalars(select(Annotation).where(Annotation.ls_annotation_id.in_(ids))):
                 row.deleted_at, row.action = now, action
             session.commit()
             return {"status": "deleted", "annotations": ids}
         if action == "START_TRAINING":
-            job = submit(session, "finetune", {"ls_project": project.get("id"),
-                                               "label_config_sha": _sha(project.get("label_config", ""))})
+            config = parsed.project.label_config if isinstance(parsed.project, ProjectRef) else ""
+            job = submit(session, "finetune", {"ls_project": project_id, "label_config_sha": _sha(config)})
             return {"status": "queued", "job": job.id}
     return {"status": "ignored", "action": action}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -32,6 +33,7 @@ from xdlabel.api.schemas import (
     PredictionOut,
     RegionOut,
     SearchOut,
+    Text,
     TextSearchIn,
 )
 from xdlabel.search import NotFound, public_uri, search_image, search_text
@@ -97,7 +99,7 @@ def image_to_image(services: ServicesDep, file: Annotated[UploadFile | None, Fil
                    image_id: Annotated[int | None, Form(ge=0, le=INT64_MAX)] = None,
                    k: Annotated[int, Form(ge=1, le=1000)] = 20, offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
                    min_score: Annotated[float | None, Form(allow_inf_nan=False)] = None,
-                   filters: Annotated[str | None, Form(description="FilterIn as a JSON object")] = None
+                   filters: Annotated[Text | None, Form(description="FilterIn as a JSON object")] = None
                    ) -> SearchOut:
     """Images similar to an uploaded image or to a stored one (``image_id``). A plain ``def``: the
     decode and the model run in a worker thread, one model call at a time, never on the event loop."""
@@ -267,6 +269,28 @@ def delete_dataset(dataset_id: PathId, services: ServicesDep) -> Response:
 
 # -- jobs -------------------------------------------------------------------------------------
 
+# An absolute path or file:// URI inside a message (not the path part of an http URL).
+_PATH_IN_TEXT = re.compile(r"file://[^\s'\",;:()\[\]]+|(?<![\w:/.~-])/[^\s'\",;:()\[\]]+")
+
+
+def _hide_paths(text: str, roots: list[FilePath]) -> str:
+    return _PATH_IN_TEXT.sub(lambda m: public_uri(m.group(0), roots), text)
+
+
+def _job_out(services: Services, job: Job) -> JobOut:
+    """A job as answers show it: failed files as their path under their source root (else their
+    name), and the job's error as one line without SQL, parameters or server paths."""
+    shown = jobs.describe(job)
+    roots = list(services.settings.source_roots)
+    shown["errors"] = [{**e, "uri": public_uri(str(e.get("uri", "")), roots),
+                        "reason": _hide_paths(str(e.get("reason", "")), roots)}
+                       for e in shown["errors"] or [] if isinstance(e, dict)]
+    if shown["error"]:
+        first = str(shown["error"]).split("[SQL:")[0].strip().splitlines() or [""]
+        shown["error"] = _hide_paths(first[0].strip(), roots)[:500]
+    return JobOut.model_validate(shown)
+
+
 @router.post("/jobs", response_model=JobOut, status_code=201, dependencies=[WRITE], tags=["jobs"])
 def post_job(body: JobIn, services: ServicesDep) -> JobOut:
     """Queue an ingestion job; `xdlabel worker` processes run it. Sources are http(s) URLs, or paths
@@ -282,7 +306,7 @@ def post_job(body: JobIn, services: ServicesDep) -> JobOut:
             job = jobs.submit(session, body.kind, {**body.model_dump(exclude={"kind"}), "restricted": True})
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
-        return JobOut.model_validate(jobs.describe(job))
+        return _job_out(services, job)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, dependencies=[READ], tags=["jobs"])
@@ -292,13 +316,13 @@ def get_job(job_id: PathId, services: ServicesDep) -> JobOut:
         job = session.get(Job, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
-        return JobOut.model_validate(jobs.describe(job))
+        return _job_out(services, job)
 
 
 @router.get("/jobs", response_model=list[JobOut], dependencies=[READ], tags=["jobs"])
 def list_jobs(services: ServicesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[JobOut]:
     with services.sessions() as session:
-        return [JobOut.model_validate(jobs.describe(j))
+        return [_job_out(services, j)
                 for j in session.scalars(select(Job).order_by(Job.id.desc()).limit(limit))]
 
 
@@ -309,7 +333,7 @@ def cancel_job(job_id: PathId, services: ServicesDep) -> JobOut:
         job = jobs.cancel(session, job_id)
         if job is None:
             raise HTTPException(404, f"job {job_id} not found")
-        return JobOut.model_validate(jobs.describe(job))
+        return _job_out(services, job)
 
 
 # -- models -----------------------------------------------------------------------------------

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 from index.filters import Filters
 
@@ -14,15 +14,29 @@ INT64_MAX = 2**63 - 1
 Id = Annotated[int, Field(ge=0, le=INT64_MAX)]
 
 
-def _no_nul(value: str) -> str:
+def _storable(value: str) -> str:
     if "\x00" in value:
         raise ValueError("NUL characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800" sent as a JSON escape
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
     return value
 
 
-# Text that reaches SQL: PostgreSQL refuses NUL characters in text, so they are refused here (422).
-Text = Annotated[str, AfterValidator(_no_nul)]
-MetaKey = Annotated[str, Field(pattern=r"^[\w .:-]{1,100}$", description="letters, digits, _ . : - and spaces")]
+def _utc(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+23:59 lies before year 1 in UTC
+        raise ValueError("the instant is out of range in UTC") from None
+
+
+# Text that reaches SQL or a stored row: PostgreSQL refuses NUL characters, and neither database nor
+# the JSON answers can hold text that is not valid UTF-8, so both are refused here (422).
+Text = Annotated[str, AfterValidator(_storable)]
+MetaKey = Annotated[str, Field(pattern=r"^[\w .:-]{1,100}$", description="letters, digits, _ . : - and spaces"),
+                    AfterValidator(_storable)]
+Instant = Annotated[AwareDatetime, AfterValidator(_utc)]
 # Numbers within +-2^53 compare exactly as floats on both databases.
 MetaNumber = Annotated[int, Field(ge=-(2**53), le=2**53)] | Annotated[float, Field(allow_inf_nan=False)]
 
@@ -46,8 +60,8 @@ class FilterIn(BaseModel):
     meta: dict[MetaKey, bool | MetaNumber | Text] = Field(
         default={}, max_length=50, description="equality on metadata fields; a value matches only rows "
                                                 "holding the same JSON type (number, string or boolean)")
-    created_after: AwareDatetime | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
-    created_before: AwareDatetime | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
+    created_after: Instant | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
+    created_before: Instant | None = Field(default=None, description="with an offset, e.g. +05:00 or Z")
 
     def to_filters(self) -> Filters:
         return Filters(tuple(self.dataset_ids), tuple(self.tags), dict(self.meta), self.created_after,
@@ -122,10 +136,16 @@ class JobIn(BaseModel):
     kind: Text = "ingest"
     dataset: Text = Field(min_length=1, max_length=200)
     sources: list[Annotated[Text, Field(min_length=1, max_length=4096)]] = Field(
-        min_length=1, max_length=10_000,
-        description="http(s) URLs; folders, files, .txt/.csv lists and COCO .json only under XDLABEL_SOURCE_ROOTS")
+        min_length=1, max_length=1000,
+        description="http(s) URLs; folders, files, .txt/.csv lists and COCO .json only under XDLABEL_SOURCE_ROOTS;"
+                    " a repeated source is read once")
     tags: list[Annotated[Text, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=100)
-    batch_size: int = Field(default=4, ge=1, le=256)
+    batch_size: int = Field(default=4, ge=1, le=32)
+
+    @field_validator("sources")
+    @classmethod
+    def _once(cls, sources: list[str]) -> list[str]:
+        return list(dict.fromkeys(sources))
 
 
 class KeyOut(BaseModel):
