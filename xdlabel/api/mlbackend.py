@@ -30,6 +30,7 @@ from annotator.project import task_image_url
 from index.models import Annotation, ModelVersion
 from xdecoder.transforms import read_image
 from xdlabel.api.auth import ServicesDep
+from xdlabel.api.schemas import Text
 from xdlabel.jobs import submit
 from xdlabel.search import model_lock
 from xdlabel.services import Services
@@ -56,17 +57,17 @@ router = APIRouter(prefix="/ml", tags=["label studio ml backend"], dependencies=
 
 
 class SetupRequest(BaseModel):
-    project: str = ""
-    schema_: str = Field("", alias="schema")
-    hostname: str | None = None
-    access_token: str | None = None
+    project: Text = ""
+    schema_: Text = Field("", alias="schema")
+    hostname: Text | None = None
+    access_token: Text | None = None
     extra_params: Any = None
 
 
 class PredictRequest(BaseModel):
     tasks: list[dict[str, Any]]
-    project: str | None = None
-    label_config: str | None = None
+    project: Text | None = None
+    label_config: Text | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -226,7 +227,7 @@ class _Loose(BaseModel):
 
 class ProjectRef(_Loose):
     id: LsId | None = None
-    label_config: str = ""
+    label_config: Text = ""
 
 
 class TaskRef(_Loose):
