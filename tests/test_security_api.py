@@ -395,7 +395,8 @@ def test_ml_predict_goes_in_chunks_in_task_order(world: dict[str, Any]) -> None:
     """/ml/predict of 11 tasks (10 images of distinct sizes from a local origin playing Label Studio,
     one missing file at index 5): 11 results in task order (each result's original size is its own
     task's image; the missing one empty), and the model never encodes more than 4 images at once
-    (the encoder is wrapped to record batch sizes: it still runs for real)."""
+    (the encoder is wrapped to record batch sizes: it still runs for real). Then a text search sent
+    while a 22-task predict runs (its encoder slowed by 0.3 s a chunk) answers before the last chunk."""
     services = world["services"]
     folder = world["tmp"] / "ls" / "data"
     folder.mkdir(parents=True)
@@ -431,6 +432,24 @@ def test_ml_predict_goes_in_chunks_in_task_order(world: dict[str, Any]) -> None:
         results = ask(tasks)
         chunked = list(batches)
         alone = {k: ask([tasks[k]])[0] for k in (0, 4, 6, 10)}  # each task on its own: the reference
+        # a long batch (6 chunks, each encode slowed by 0.3 s) does not hold the model for its whole length
+        started, calls = threading.Event(), []
+
+        def slow(images: Any, *args: Any, **kwargs: Any) -> Any:
+            calls.append(time.monotonic())
+            started.set()
+            time.sleep(0.3)
+            return encode(images, *args, **kwargs)
+
+        predictor.encode = slow  # type: ignore[method-assign]
+        long = threading.Thread(target=ask, args=([tasks[k % 11] for k in range(24) if k % 11 != 5],))
+        long.start()
+        assert started.wait(60)
+        r = httpx.post(f"{world['url']}/v1/search/text", json={"query": "a ball"},
+                       headers={"X-API-Key": world["read"]}, timeout=60)
+        searched = time.monotonic()
+        long.join(120)
+        assert r.status_code == 200 and len(calls) >= 5 and searched < calls[-1], (len(calls), searched, calls)
     finally:
         origin.shutdown()
         predictor.encode = encode  # type: ignore[method-assign]
