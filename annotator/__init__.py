@@ -1,1 +1,1 @@
-"""Label Studio bridge: conversion, pre-labelling, ML backend (issue 4)."""
+"""Label Studio bridge: conversion, pre-labelling, ML backend."""

@@ -1,1 +1,1 @@
-"""Vector index and SQL metadata for retrieval (issue 3). Takes vectors; knows nothing of torch."""
+"""Vector index and SQL metadata for retrieval. Takes vectors; knows nothing of torch."""
