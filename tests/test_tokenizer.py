@@ -54,4 +54,5 @@ def test_long_text_is_truncated_with_end_token(tokenizer: ClipTokenizer) -> None
 
 def test_caption_decoding_stops_at_end_token(tokenizer: ClipTokenizer) -> None:
     ids, _ = tokenizer(["a red car. on a road"])
-    assert tokenizer.decode_caption(ids[0].tolist()) == "a red car . on a road"
+    # The official decode (transformers 4.34) cleans up the space BPE leaves before the period.
+    assert tokenizer.decode_caption(ids[0].tolist()) == "a red car. on a road"
