@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,16 +18,16 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from annotator.localserver import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+__all__ = ["Origin", "Processes", "dead_url", "free_port", "hold_sqlite_lock", "scene", "wait_for", "wait_http"]
+T = TypeVar("T")
 
 
 def scene(seed: int, size: tuple[int, int] = (48, 40)) -> bytes:
@@ -144,12 +143,15 @@ class Processes:
                 self.kill(process)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
+    """The first truthy value ``check`` returns within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout:.0f} s for {what}")
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
         time.sleep(every)
+    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def wait_http(url: str, timeout: float = 60) -> None:

@@ -15,30 +15,20 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from index.db import make_engine, make_session_factory, upgrade
 from index.models import Job
+from tests.faultkit import wait_for
 from tests.test_api import make_images
 from xdlabel import jobs
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
-T = TypeVar("T")
 LIVE = ("queued", "running", "cancelling")
-
-
-def wait_for(check: Callable[[], T | None], timeout: float, what: str, every: float = 0.05) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def row(sessions: sessionmaker[Session], job_id: int) -> Job:
