@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +18,6 @@ from index.store import Hit, from_bytes
 from xdlabel.services import Services
 
 NEGATIVE_WEIGHT = 0.5  # score = sim(query) - 0.5 * sim(negative): linear, so exact in the index
-# One model call at a time in a server process (search and the ML backend): its memory is sized
-# for one batch, and callers wait in their worker threads, never on the event loop.
-model_lock = threading.Lock()
 
 
 def public_uri(uri: str, roots: Sequence[Path] = ()) -> str:
@@ -74,7 +70,7 @@ def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: 
 def _text_vector(services: Services, text: str, negative: str | None, kind: str) -> np.ndarray:
     predictor = services.predictor
     embed = predictor.text_query_embeddings if kind == "image" else predictor.text_embeddings
-    with model_lock:
+    with services.model_lock:
         vectors = embed([text] + ([negative] if negative else []))
     return vectors[0] - NEGATIVE_WEIGHT * vectors[1] if negative else vectors[0]
 
@@ -94,7 +90,7 @@ def search_image(services: Services, *, image: PILImage.Image | None = None, ima
     model = services.model
     if image is not None:
         predictor = services.predictor
-        with model_lock:
+        with services.model_lock:
             query = predictor.image_embeddings(predictor.encode(image))[0]
     else:
         with services.sessions() as session:

@@ -38,6 +38,9 @@ class Services:
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(use_gpu=settings.use_gpu_index))
         self._lock = threading.Lock()
+        # One model call at a time in this process (search and the ML backend): the model's memory is
+        # sized for one batch, and callers wait in their worker threads, never on the event loop.
+        self.model_lock = threading.Lock()
 
     @cached_property
     def predictor(self) -> Predictor:

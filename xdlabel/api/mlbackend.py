@@ -32,7 +32,6 @@ from xdecoder.transforms import read_image
 from xdlabel.api.auth import ServicesDep
 from xdlabel.api.schemas import Text
 from xdlabel.jobs import submit
-from xdlabel.search import model_lock
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -125,9 +124,6 @@ def connections_of(request: Request) -> Connections:
 ConnectionsDep = Annotated[Connections, Depends(connections_of)]
 
 
-_model_lock = model_lock  # shared with search: one model call at a time per process
-
-
 def _warm_up(services: Services) -> None:
     """Load the model in the background so that the first /predict does not wait for it."""
     def load() -> None:
@@ -201,7 +197,7 @@ def predict(body: PredictRequest, services: ServicesDep, connections: Connection
         readable = [k for k, image in enumerate(images) if image is not None]
         if not readable:
             continue
-        with _model_lock:  # one chunk at a time: the model's memory is sized for one
+        with services.model_lock:  # one chunk at a time: the model's memory is sized for one
             predictor = services.predictor
             features = predictor.encode([images[k] for k in readable])
             if interactive_mode:
