@@ -96,6 +96,47 @@ class Image(Base):
                                                 lazy="selectin")
 
 
+class Video(Base):
+    """A video whose sampled frames are image rows (``Image.video_id``), once per dataset by content.
+
+    ``status``: pending while its frames are being written (a rerun resumes it), done, or failed
+    with ``error`` (frames written before the failure stay)."""
+
+    __tablename__ = "videos"
+    __table_args__ = (UniqueConstraint("dataset_id", "sha256", name="uq_videos_dataset_sha256"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    duration: Mapped[float | None] = mapped_column(Float)  # seconds
+    fps: Mapped[float | None] = mapped_column(Float)  # the stream's average frame rate
+    codec: Mapped[str | None] = mapped_column(String(32))
+    frames: Mapped[int] = mapped_column(Integer, default=0)  # sampled frames stored
+    sampling: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the policy its frames were sampled by
+    meta: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|done|failed
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VideoFrame(Base):
+    """An image that is a frame of a video, and when it shows. A table of its own rather than columns
+    on ``images``: adding a foreign key there would rebuild that table on SQLite, and dropping the old
+    one cascades to every image's vectors, tags and predictions."""
+
+    __tablename__ = "video_frames"
+    __table_args__ = (Index("ix_video_frames_video_time", "video_id", "timestamp"),)
+
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), primary_key=True)
+    video_id: Mapped[int] = mapped_column(ForeignKey("videos.id", ondelete="CASCADE"))
+    timestamp: Mapped[float] = mapped_column(Float)  # seconds from the video's start
+    pts: Mapped[int] = mapped_column(Integer)  # the frame's presentation timestamp in its stream's time base
+
+
 class ImageTag(Base):
     __tablename__ = "image_tags"
 
