@@ -14,6 +14,8 @@ from importlib import resources
 
 import ftfy
 import torch
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
 from torch import Tensor
 
 BOS_ID = 49406  # <|startoftext|>
@@ -37,18 +39,31 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-@lru_cache(maxsize=1)
-def _hf_tokenizer():  # type: ignore[no-untyped-def]
-    from transformers import CLIPTokenizer
+# CLIP's pre-tokenizer pattern (the special tokens first, so that they stay whole).
+_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
+
+@lru_cache(maxsize=1)
+def _backend() -> Tokenizer:
+    """The pipeline of transformers' ``CLIPTokenizer``, built with the tokenizers library alone."""
     raw = resources.files("xdecoder.data").joinpath(_VOCAB_FILE).read_bytes()
     merges = gzip.decompress(raw).decode("utf-8").split("\n")[1:_NUM_MERGES + 1]
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    pairs = [tuple(m.split()) for m in merges]
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)},
-                         merges=pairs)  # type: ignore[arg-type]  # the BPE backend wants pairs
+    pairs = [(a, b) for a, b in (m.split() for m in merges)]
+    tok = Tokenizer(BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=pairs, continuing_subword_prefix="",
+                        end_of_word_suffix="</w>", fuse_unk=False, unk_token="<|endoftext|>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    tok.post_processor = processors.RobertaProcessing(("<|endoftext|>", EOS_ID), ("<|startoftext|>", BOS_ID),
+                                                      trim_offsets=False, add_prefix_space=False)
+    return tok
 
 
 class ClipTokenizer:
@@ -56,23 +71,24 @@ class ClipTokenizer:
 
     def __init__(self, context_length: int = CONTEXT_LENGTH) -> None:
         self.context_length = context_length
-        self._tok = _hf_tokenizer()
+        # A copy: truncation and padding are settings of the Tokenizer object itself.
+        self._tok = Tokenizer.from_str(_backend().to_str())
+        self._tok.enable_truncation(max_length=context_length)
+        self._tok.enable_padding(length=context_length, pad_id=EOS_ID, pad_token="<|endoftext|>")
 
     def __call__(self, texts: list[str]) -> tuple[Tensor, Tensor]:
-        enc = self._tok([ftfy.fix_text(t) for t in texts], padding="max_length", truncation=True,
-                        max_length=self.context_length)
-        return (torch.tensor(enc["input_ids"], dtype=torch.int64),
-                torch.tensor(enc["attention_mask"], dtype=torch.int64))
+        enc = self._tok.encode_batch([ftfy.fix_text(t) for t in texts])
+        return (torch.tensor([e.ids for e in enc], dtype=torch.int64),
+                torch.tensor([e.attention_mask for e in enc], dtype=torch.int64))
 
     def decode_caption(self, ids: list[int]) -> str:
         """Official caption decoding: text before the first end-of-text, start tokens removed.
 
         The official code decodes with transformers 4.34, whose default clean-up joins some
-        punctuation to the word before it; newer versions skip it for BPE tokenizers, so it is
-        applied here by the same rule, whatever transformers is installed.
+        punctuation to the word before it; it is applied here by the same rule.
         """
-        text = clean_up_tokenization(self._tok.decode(ids, skip_special_tokens=False,
-                                                      clean_up_tokenization_spaces=False))
+        text = self._tok.decode(ids, skip_special_tokens=False).replace("</w>", " ").strip()
+        text = clean_up_tokenization(text)
         return text.split("<|endoftext|>")[0].replace("<|startoftext|>", "").strip()
 
 
