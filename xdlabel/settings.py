@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
     ml_backend_user: str = "xdlabel"
     ml_backend_password: str | None = None
+    # Label Studio's ML_TIMEOUT_PREDICT (or the backend's timeout), seconds: /predict answers within
+    # ml_predict_budget of it and leaves the rest to a background pre-label through the outbox.
+    ml_timeout_predict: float = Field(default=100.0, gt=0)
+    ml_predict_budget: float = Field(default=60.0, gt=0)
+    ml_feature_cache_mb: int = Field(default=512, ge=0)  # interactive prompts: encoded images kept
 
     @field_validator("source_roots", mode="before")
     @classmethod
