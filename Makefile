@@ -2,20 +2,34 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+UV := $(BIN)/uv
+# `make demo` installs the runtime lock only; `make test` adds dev tools and Ray (STAMP: everything installed).
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
+# The CPU build of torch lies here; the locks pin it (requirements/torch.txt).
+FIND_LINKS := /opt/wheels
+UV_INSTALL := $(UV) pip install -q --python $(BIN)/python --find-links $(FIND_LINKS)
 # Label Studio runs from its own virtualenv: it pins Django, DRF, redis... (tests, bench, local trials)
 LS_VENV := .venv-labelstudio
 LS := $(LS_VENV)/bin/label-studio
 
-.PHONY: venv labelstudio demo test lint bench train-demo clean
+.PHONY: venv runtime labelstudio demo test lint floor lock bench train-demo clean
 
-$(STAMP): pyproject.toml
+# uv itself, pinned with its hashes; it installs the locks (hash-checked) much faster than pip.
+$(UV): requirements/uv.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first, so that the `torch>=2.1` requirement installs nothing more.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray]'
+	$(BIN)/pip install -q --require-hashes -r requirements/uv.txt
+
+$(RUNTIME): requirements/runtime.txt | $(UV)
+	$(UV_INSTALL) --require-hashes -r requirements/runtime.txt
+	$(UV_INSTALL) --no-deps -e .
+	touch $(RUNTIME)
+
+$(STAMP): requirements/test.txt | $(RUNTIME)
+	$(UV_INSTALL) --require-hashes -r requirements/test.txt
 	touch $(STAMP)
+
+runtime: $(RUNTIME)
 
 venv: $(STAMP)
 
@@ -25,10 +39,10 @@ $(LS):
 
 labelstudio: $(LS)
 
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(BIN)/xdlabel demo
 
-test: lint $(LS)
+test: lint floor $(LS)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
@@ -42,8 +56,16 @@ train-demo: $(STAMP)
 		--width 96 --height 64 --checkpoint-every 200
 	$(BIN)/xdlabel model bundle runs/bundled --width 96 --height 64
 
+# The declared minimums of the direct dependencies, installed in .venv-floor and run (tokenizer, model parity).
+floor: $(STAMP)
+	$(BIN)/python requirements/floor.py
+
+# Regenerate requirements/*.txt from pyproject.toml (needs the package index).
+lock: $(STAMP)
+	$(BIN)/python requirements/lock.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
 
 clean:
-	rm -rf $(VENV) $(LS_VENV) xdlabel-data runs
+	rm -rf $(VENV) $(LS_VENV) .venv-floor xdlabel-data runs
