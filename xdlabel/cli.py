@@ -121,6 +121,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from xdlabel.ingest import IngestPipeline, IngestReport, LabelStudioPush
     from xdlabel.services import Services
     from xdlabel.sources import items_from
+    from xdlabel.video import Sampling
+    from xdlabel.video_ingest import VideoPipeline, merge_reports, split_videos
 
     settings = settings_of(args)
     upgrade(settings.sqlalchemy_url)
@@ -131,6 +133,11 @@ def _ingest(args: argparse.Namespace) -> int:
                        labelstudio=push.client if push else None, forbidden=data_dir)
     if args.engine == "ray" and any("ls_task" in item.meta for item in items):
         raise ValueError("Label Studio sources run on the local engine (--engine local)")
+    stills, videos = split_videos(items)
+    fps = args.fps if args.fps is not None or args.every_n is not None else 1.0
+    sampling = Sampling(fps=fps, every_n=args.every_n, scene=args.scene)  # checked before anything runs
+    if args.engine == "ray" and videos:
+        raise ValueError("videos run on the local engine (--engine local)")
     bar = tqdm(total=len(items), unit="img", disable=args.json or not sys.stderr.isatty() and not args.progress)
 
     def progress(report: IngestReport) -> None:
@@ -145,7 +152,11 @@ def _ingest(args: argparse.Namespace) -> int:
                             actors=args.actors, address=args.ray_address, progress=progress, forbidden=data_dir)
     else:
         report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
-                                progress=progress, push=push, forbidden=data_dir).run(items)
+                                progress=progress, push=push, forbidden=data_dir).run(stills)
+        if videos:  # each video's sampled frames: image rows linked to the video
+            report = merge_reports(report, VideoPipeline(
+                services, args.dataset, sampling=sampling, batch_size=args.batch_size, tags=args.tag,
+                progress=progress, forbidden=data_dir).run(videos))
     bar.close()
     services.close()
     summary: dict[str, object] = {"added": len(report.added), "duplicates": len(report.duplicates),
@@ -235,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--dataset", required=True)
     ingest.add_argument("--tag", action="append", default=[], help="tag every image (repeatable)")
     ingest.add_argument("--batch-size", type=int, default=4)
+    ingest.add_argument("--fps", type=float, help="videos: frames kept per second (default 1)")
+    ingest.add_argument("--every-n", type=int, help="videos: keep every n-th decoded frame instead")
+    ingest.add_argument("--scene", type=float, help="videos: keep a frame only when it differs from the last kept "
+                                                    "one by more than this (0..1, mean thumbnail difference)")
     ingest.add_argument("--json", action="store_true")
     ingest.set_defaults(func=_ingest)
 
@@ -263,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     labelstudio.register(sub)
 
     demo = sub.add_parser("demo", help="run the main job on embedded defaults")
-    demo.add_argument("--out", default="xdlabel-data/demo", help="output folder")
+    demo.add_argument("--out", help="output folder (default: <XDLABEL_DATA_DIR>/demo)")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
     max_image_bytes: int = 100 * 1024 * 1024  # ingested files and downloads
     max_image_pixels: int = 64_000_000  # decompression-bomb guard: larger images are refused
+    max_video_bytes: int = 4 * 1024**3  # video files and downloads (downloads are held in memory)
+    max_video_seconds: float = Field(default=4 * 3600.0, gt=0)  # declared duration
+    max_video_frames: int = Field(default=20_000, gt=0)  # sampled frames per video
     allow_private_urls: bool = False  # fetched URLs resolving to private/loopback addresses
     # Folders that sources submitted over HTTP may name (the CLI reads what its user names); none by
     # default: a job over HTTP reads only URLs. A JSON list, or paths separated by commas or os.pathsep.
@@ -61,6 +64,8 @@ class Settings(BaseSettings):
     ls_thresholds: dict[str, float] = Field(default_factory=dict)  # per label value
     ls_polygon_tolerance: float = 1.0  # pixels
     ls_chunk_size: int = 200  # predictions per bulk request
+    ls_label_map: dict[str, str] = Field(default_factory=dict)  # phrase -> label value, wins over meaning
+    ls_routing: str = "tool"  # tool: a region in its label's tool control only; every: in each control
     # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
     ml_backend_user: str = "xdlabel"
     ml_backend_password: str | None = None
