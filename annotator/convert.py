@@ -97,15 +97,31 @@ def rings_to_mask(rings: list[np.ndarray], height: int, width: int) -> np.ndarra
     return mask
 
 
+def _join(ring: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """``other`` spliced into ``ring`` at their closest points: out along a cut, round, and back
+    along the same cut, which even-odd filling counts twice, i.e. not at all."""
+    distances = np.linalg.norm(ring[:, None, :] - other[None, :, :], axis=2)
+    i, j = np.unravel_index(np.argmin(distances), distances.shape)
+    loop = np.concatenate([other[j:], other[: j + 1]])
+    return np.concatenate([ring[: i + 1], loop, ring[i:]])
+
+
 def bridge_holes(outline: Outline) -> np.ndarray:
     """One ring for a part with holes: each hole joined to the outer ring by a zero-width cut, so
     that tools drawing one simple polygon per region (Label Studio) still leave the holes empty."""
     ring = outline.exterior
     for hole in outline.holes:
-        distances = np.linalg.norm(ring[:, None, :] - hole[None, :, :], axis=2)
-        i, j = np.unravel_index(np.argmin(distances), distances.shape)
-        hole_loop = np.concatenate([hole[j:], hole[: j + 1]])
-        ring = np.concatenate([ring[: i + 1], hole_loop, ring[i:]])
+        ring = _join(ring, hole)
+    return ring
+
+
+def join_outlines(outlines: list[Outline]) -> np.ndarray:
+    """One ring for a whole mask: every part (largest first) and hole joined by zero-width cuts,
+    so that an object in several pieces is still one region."""
+    rings = [bridge_holes(o) for o in sorted(outlines, key=lambda o: -abs(_signed_area(o.exterior)))]
+    ring = rings[0]
+    for other in rings[1:]:
+        ring = _join(ring, other)
     return ring
 
 
@@ -167,6 +183,18 @@ def polygon_results(mask: np.ndarray, label: str, from_name: str, to_name: str, 
         value = {"points": np.round(ring, 4).tolist(), "closed": True, "polygonlabels": [label]}
         results.append(_region("polygonlabels", from_name, to_name, height, width, value, score))
     return results
+
+
+def polygon_result(mask: np.ndarray, label: str, from_name: str, to_name: str, score: float | None = None,
+                   tolerance: float = 1.0) -> Result | None:
+    """The whole mask as one polygon region (parts and holes joined); None for an empty mask."""
+    height, width = np.shape(mask)
+    outlines = mask_to_outlines(mask, tolerance)
+    if not outlines:
+        return None
+    ring = join_outlines(outlines) * [100.0 / width, 100.0 / height]
+    value = {"points": np.round(ring, 4).tolist(), "closed": True, "polygonlabels": [label]}
+    return _region("polygonlabels", from_name, to_name, height, width, value, score)
 
 
 def box_result(box: tuple[float, float, float, float], height: int, width: int, label: str, from_name: str,

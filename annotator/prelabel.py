@@ -6,17 +6,21 @@ Each region carries its score; the prediction's score is the model's confidence 
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from annotator.convert import Result, box_result, brush_result, caption_result, mask_to_box, polygon_results
+from annotator.convert import Result, box_result, brush_result, caption_result, mask_to_box, polygon_result
 from annotator.labeling import LabelingConfig, Target
+from annotator.vocabulary import TextEncoder, match_phrase, model_text_encoder
 from xdecoder.predictor import Features, Predictor
 
 Prediction = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -28,57 +32,98 @@ class PrelabelSettings:
 
 @dataclass
 class LabelledRegion:
-    label: str
+    label: str  # from ``regions``: X-Decoder's class name (``config.routes`` maps it to each control's label)
     mask: np.ndarray
     score: float
 
 
+@dataclass
+class LabelTally:
+    """Per (control, label): regions made and regions dropped under the threshold, over a run."""
+
+    made: Counter[tuple[str, str]] = field(default_factory=Counter)
+    under: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def summary(self, config: LabelingConfig) -> list[dict[str, Any]]:
+        """One row per control and label, in config order; ``found`` is False for labels the
+        model never proposed (no region, not even under the threshold)."""
+        rows = []
+        for t in config.targets:
+            for label in t.labels:
+                key = (t.from_name, label)
+                rows.append({"control": t.from_name, "label": label, "regions": self.made[key],
+                             "under_threshold": self.under[key], "threshold": t.thresholds.get(label),
+                             "found": bool(self.made[key] or self.under[key])})
+        return rows
+
+
+SAME_OBJECT_IOU = 0.8  # two instance masks overlapping this much are one object
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 1.0
+
+
 def regions(predictor: Predictor, features: Features, config: LabelingConfig) -> list[list[LabelledRegion]]:
-    """Every candidate region per image for the project's classes, before thresholds."""
-    names = config.class_names
-    label_of = config.prompts
+    """Every candidate region per image for the project's classes, before thresholds; each mask
+    once, with its single best class."""
+    names = list(config.class_names)
     out: list[list[LabelledRegion]] = []
     if config.task == "panoptic":
         for result in predictor.panoptic(features, names, stuff=config.stuff):
-            out.append([LabelledRegion(label_of[s.label], result.segment_map == s.id, s.score)
-                        for s in result.segments])
+            out.append([LabelledRegion(s.label, result.segment_map == s.id, s.score) for s in result.segments])
     elif config.task == "instance":
         for inst in predictor.instance(features, names, stuff=config.stuff):
-            out.append([LabelledRegion(label_of[name], inst.masks[k], float(inst.scores[k]))
-                        for k, name in enumerate(inst.labels)])
+            # The top (query, class) pairs hold one query's mask under several classes, and two queries
+            # may find one object: keep the best (they come best first), drop what repeats a kept mask.
+            seen: set[int] = set()
+            image_regions: list[LabelledRegion] = []
+            for k, name in enumerate(inst.labels):
+                query = int(inst.queries[k])
+                if query in seen:
+                    continue
+                seen.add(query)
+                mask = np.asarray(inst.masks[k], dtype=bool)
+                if not any(_iou(mask, r.mask) >= SAME_OBJECT_IOU for r in image_regions):
+                    image_regions.append(LabelledRegion(name, mask, float(inst.scores[k])))
+            out.append(image_regions)
     else:
+        label_of = config.prompts
         for sem in predictor.semantic(features, names, return_scores=True):
             # the semantic scores are unnormalized sums over queries: a region's score is its
             # class's mean share of the pixel's total, in [0, 1]
             assert sem.scores is not None
             share = sem.score_map / np.maximum(sem.scores.sum(0), 1e-6)
-            image_regions = []
+            # Synonyms of one label make one region (under the first of their class names).
+            merged: dict[str, LabelledRegion] = {}
             for k in np.unique(sem.label_map):
                 mask = sem.label_map == k
-                image_regions.append(LabelledRegion(label_of[names[int(k)]], mask, float(share[mask].mean())))
-            # Synonyms of one label make one region.
-            merged: dict[str, LabelledRegion] = {}
-            for r in image_regions:
-                if r.label in merged:
-                    m = merged[r.label]
+                r = LabelledRegion(names[int(k)], mask, float(share[mask].mean()))
+                key = label_of.get(r.label, r.label)
+                if key in merged:
+                    m = merged[key]
                     area, extra = m.mask.sum(), r.mask.sum()
                     score = (m.score * area + r.score * extra) / (area + extra)
-                    merged[r.label] = LabelledRegion(r.label, m.mask | r.mask, float(score))
+                    merged[key] = LabelledRegion(m.label, m.mask | r.mask, float(score))
                 else:
-                    merged[r.label] = r
+                    merged[key] = r
             out.append(list(merged.values()))
     return out
 
 
 def region_results(region: LabelledRegion, targets: Sequence[Target], settings: PrelabelSettings) -> list[Result]:
+    """The region in each target control: one result per control (a polygon joins the parts)."""
     results: list[Result] = []
     height, width = region.mask.shape
     for target in targets:
         if target.kind == "brush":
             results.append(brush_result(region.mask, region.label, target.from_name, target.to_name, region.score))
         elif target.kind == "polygon":
-            results += polygon_results(region.mask, region.label, target.from_name, target.to_name, region.score,
-                                       tolerance=settings.polygon_tolerance)
+            polygon = polygon_result(region.mask, region.label, target.from_name, target.to_name, region.score,
+                                     tolerance=settings.polygon_tolerance)
+            if polygon is not None:
+                results.append(polygon)
         else:
             box = mask_to_box(region.mask)
             if box is not None:
@@ -87,23 +132,42 @@ def region_results(region: LabelledRegion, targets: Sequence[Target], settings: 
     return results
 
 
+def routed_results(region: LabelledRegion, config: LabelingConfig, settings: PrelabelSettings,
+                   tally: LabelTally | None = None) -> list[Result]:
+    """A candidate region in the controls its class is routed to, each under that control's label
+    and threshold."""
+    results: list[Result] = []
+    if region.mask.sum() < settings.min_area:
+        return results
+    for target, label in config.routes.get(region.label, ()):
+        key = (target.from_name, label)
+        if region.score < target.thresholds.get(label, 0.0):
+            if tally is not None:
+                tally.under[key] += 1
+            continue
+        made = region_results(LabelledRegion(label, region.mask, region.score), [target], settings)
+        if tally is not None:
+            tally.made[key] += len(made)
+        results += made
+    return results
+
+
 def predictions(predictor: Predictor, features: Features, config: LabelingConfig, model_version: str,
-                settings: PrelabelSettings = PrelabelSettings(), captions: Sequence[str] | None = None
-                ) -> list[Prediction]:
-    """One Label Studio prediction per encoded image, in order (``captions``: already computed)."""
+                settings: PrelabelSettings = PrelabelSettings(), captions: Sequence[str] | None = None,
+                tally: LabelTally | None = None) -> list[Prediction]:
+    """One Label Studio prediction per encoded image, in order (``captions``: already computed;
+    ``tally``: counts regions per control and label)."""
     per_image: list[list[LabelledRegion]] = regions(predictor, features, config) if config.targets \
         else [[] for _ in features]
     if captions is None and config.caption and settings.captions:
         captions = predictor.caption(features)
-    uncertainty = predictor.uncertainty(features, config.class_names) if config.class_names \
+    uncertainty = predictor.uncertainty(features, list(config.class_names)) if config.class_names \
         else np.zeros(len(features), dtype=np.float32)
     out = []
     for k, image_regions in enumerate(per_image):
         result: list[Result] = []
         for region in image_regions:
-            if region.score < config.thresholds.get(region.label, 0.0) or region.mask.sum() < settings.min_area:
-                continue
-            result += region_results(region, config.targets_for(region.label), settings)
+            result += routed_results(region, config, settings, tally)
         if captions is not None and config.caption and settings.captions:
             result.append(caption_result(captions[k], config.caption, config.image))
         out.append({"result": _with_ids(result), "score": round(1.0 - float(uncertainty[k]), 4),
@@ -118,18 +182,21 @@ def _with_ids(results: list[Result]) -> list[Result]:
 
 # -- interactive -------------------------------------------------------------------------------------
 
-def _mask_target(config: LabelingConfig, label: str | None) -> Target | None:
-    kinds = {"brush": 0, "polygon": 1, "rectangle": 2}
-    pool = config.targets_for(label) if label else []
-    pool = pool or list(config.targets)
-    return min(pool, key=lambda t: kinds[t.kind]) if pool else None
+def _class_label(config: LabelingConfig, target: Target, name: str) -> str | None:
+    """The label a candidate of X-Decoder class ``name`` carries in ``target``."""
+    return next((label for t, label in config.routes.get(name, ()) if t == target), None) \
+        or target.vocabulary.exact(name)
 
 
 def interactive(predictor: Predictor, features: Features, config: LabelingConfig, context: Mapping[str, Any],
-                model_version: str, settings: PrelabelSettings = PrelabelSettings()) -> Prediction:
+                model_version: str, settings: PrelabelSettings = PrelabelSettings(),
+                encoder: TextEncoder | None = None, mapping: Mapping[str, str] | None = None) -> Prediction:
     """The annotator's prompt in one image (``features`` holds it): a typed phrase gives its
-    referring-segmentation mask; a keypoint or a box picks the best predicted region under it."""
+    referring-segmentation mask, labelled by meaning (``match_phrase``; ``encoder`` defaults to the
+    model's own text encoder; an ambiguous phrase gives no region and is logged); a keypoint or a
+    box picks the best predicted region under it."""
     (height, width) = features.images[0].geometry.original
+    encoder = encoder or model_text_encoder(predictor)
     result: list[Result] = []
     candidates: list[LabelledRegion] | None = None  # computed once, for the first click or box
     for prompt in context.get("result", []):
@@ -137,17 +204,21 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
         labels = value.get(kind, []) if isinstance(value, dict) else []
         if kind == "textarea":
             text = " ".join(value.get("text", [])).strip()
-            if not text:
+            target = config.mask_target()
+            if not text or target is None:
                 continue
-            grounded = predictor.ground(features, [text])[0][0]
+            match = match_phrase(text, target.vocabulary, encoder, mapping=mapping)
+            if match.label is None:
+                log.warning("typed phrase %r: no label of %r decided (%s: %s %.3f, %s %s); type 'label: phrase'",
+                            text, target.from_name, match.how, match.closest, match.similarity, match.runner_up,
+                            match.runner_up_similarity)
+                continue
+            grounded = predictor.ground(features, [match.phrase])[0][0]
+            if not grounded.mask.any():
+                continue
             probability = 1.0 / (1.0 + np.exp(-grounded.logits[grounded.mask]))
-            label = config.prompts.get(text) or (labels[0] if labels else None)
-            target = _mask_target(config, label)
-            if target is None or not grounded.mask.any():
-                continue
-            label = label if label in target.labels else target.labels[0]
             score = float(probability.mean())
-            result += region_results(LabelledRegion(label, grounded.mask, score), [target], settings)
+            result += region_results(LabelledRegion(match.label, grounded.mask, score), [target], settings)
         elif kind in ("keypointlabels", "rectanglelabels"):
             if candidates is None:
                 candidates = regions(predictor, features, _as_instances(config))[0]
@@ -166,10 +237,17 @@ def interactive(predictor: Predictor, features: Features, config: LabelingConfig
                 best = candidates[int(np.argmax(ious))] if candidates and max(ious) > 0 else None
             if best is None:
                 continue
-            label = labels[0] if labels and config.targets_for(labels[0]) else best.label
-            target = _mask_target(config, label)
-            if target is not None:
-                result += region_results(LabelledRegion(label, best.mask, best.score), [target], settings)
+            target = config.mask_target(labels[0] if labels else None)
+            if target is None:
+                continue
+            # the prompt's own label (by name, else by meaning), else the candidate's class
+            label = (target.label_named(labels[0]) or match_phrase(labels[0], target.vocabulary, encoder,
+                                                                   mapping=mapping).label) if labels else None
+            label = label or _class_label(config, target, best.label)
+            if label is None:
+                log.warning("no label of %r for the region under the %s", target.from_name, kind)
+                continue
+            result += region_results(LabelledRegion(label, best.mask, best.score), [target], settings)
     return {"result": _with_ids(result), "score": max((r.get("score", 0.0) for r in result), default=0.0),
             "model_version": model_version}
 
