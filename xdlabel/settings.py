@@ -66,8 +66,6 @@ class Settings(BaseSettings):
     ls_chunk_size: int = 200  # predictions per bulk request
     ls_label_map: dict[str, str] = Field(default_factory=dict)  # phrase -> label value, wins over meaning
     ls_routing: str = "tool"  # tool: a region in its label's tool control only; every: in each control
-    ls_label_map: dict[str, str] = Field(default_factory=dict)  # phrase -> label value, wins over meaning
-    ls_routing: str = "tool"  # tool: a region in its label's tool control only; every: in each control
     # The ML backend at /ml answers only with HTTP basic auth; it is off until a password is set.
     ml_backend_user: str = "xdlabel"
     ml_backend_password: str | None = None
