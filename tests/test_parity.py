@@ -216,7 +216,7 @@ def test_instance(golden: Golden, golden_meta: dict[str, Any], seg_predictor: Pr
                   seg_features: Features, class_names: list[str]) -> None:
     result = seg_predictor.instance(seg_features, class_names, stuff=golden_meta["stuff_classes"])[0]
     assert np.all(np.diff(result.scores) <= 0)  # best first
-    check_instances("inst_", golden, result.masks, result.scores, result.category_ids, result.queries,
+    check_instances("inst_", golden, np.asarray(result.masks), result.scores, result.category_ids, result.queries,
                     len(class_names), thing_filter=True, upsample=seg_features.images[0].upsampler())
     assert not golden["inst_pred_boxes"].any()  # the official bbox head is off; ours come from masks
 
@@ -359,6 +359,6 @@ def test_postprocessing_on_crafted_outputs(golden: Golden, golden_meta: dict[str
         == golden_meta["pp_pano_segments_info"]
     for prefix, stuff in (("pp_inst_", {3, 4}), ("pp_nopano_inst_", set())):
         out = instances(logits, upsample, stuff, detections=100)
-        check_instances(prefix, golden, out["masks"].numpy(), out["scores"].numpy(),
-                        out["classes"].numpy(), out["queries"].numpy(), 5, thing_filter=bool(stuff),
+        check_instances(prefix, golden, np.asarray(out["masks"]), np.asarray(out["scores"]),
+                        np.asarray(out["classes"]), np.asarray(out["queries"]), 5, thing_filter=bool(stuff),
                         upsample=upsample)

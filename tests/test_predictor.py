@@ -322,18 +322,24 @@ def test_bit_depth_comes_from_the_dtype_not_the_values() -> None:
         to_rgb(np.full((4, 4), 1000, dtype=np.int32))
 
 
-def test_in_place_row_permutation_matches_indexing() -> None:
-    """200 seeded random permutations (sizes 0-30, with fixed points and long cycles) of random rows."""
-    from xdecoder.postprocess import _permute_rows, masks_to_boxes
+def test_packed_masks_round_trip_and_their_boxes_equal_numpys_extent() -> None:
+    """300 seeded random masks (0-40 x 0-40, empty, full, single pixels, blobs): packing then unpacking
+    gives the mask back; box and area equal np.nonzero's extent and count; a stack reads back in order."""
+    from xdecoder.masks import MaskStack, PackedMask
+    from xdecoder.postprocess import masks_to_boxes
 
     rng = np.random.default_rng(11)
-    for _ in range(200):
-        n = int(rng.integers(0, 31))
-        rows = torch.from_numpy(rng.random((n, 3, 4)) > 0.7)
-        order = rng.permutation(n).tolist()
-        expected = rows[order].clone() if n else rows.clone()
-        _permute_rows(rows, order)
-        assert torch.equal(rows, expected)
-        for box, mask in zip(masks_to_boxes(rows).tolist(), rows.numpy(), strict=True):
-            ys, xs = np.nonzero(mask)
-            assert box == ([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if ys.size else [0, 0, 0, 0])
+    for _ in range(300):
+        h, w = (int(v) for v in rng.integers(1, 41, 2))
+        mask = rng.random((h, w)) > rng.choice([0.0, 0.5, 0.97, 1.0])
+        p = PackedMask.from_dense(torch.from_numpy(mask))
+        assert np.array_equal(p.dense(), mask)
+        ys, xs = np.nonzero(mask)
+        assert p.box == ((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if ys.size else (0, 0, 0, 0))
+        assert p.area == int(mask.sum()) and p.nbytes <= (h * (w + 7)) // 8
+        assert masks_to_boxes(torch.from_numpy(mask)[None])[0].tolist() == list(p.box)
+    dense = rng.random((20, 7, 9)) > rng.choice([0.0, 0.5, 0.97, 1.0], (20, 1, 1))
+    stack = MaskStack([PackedMask.from_dense(m) for m in dense], (7, 9))
+    assert np.array_equal(np.asarray(stack), dense) and stack.shape == dense.shape
+    assert all(np.array_equal(stack[i], m) for i, m in enumerate(dense))
+    assert np.array_equal(stack[5:9][1], dense[6])

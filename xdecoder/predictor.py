@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xdecoder.masks import MaskStack, PackedMask
 from xdecoder.modeling.decoder import Memory
 from xdecoder.modeling.xdecoder import SIZE_DIVISIBILITY, XDecoder
 from xdecoder.postprocess import (
@@ -31,6 +32,7 @@ from xdecoder.postprocess import (
     masks_to_boxes,
     nearest_resize,
     panoptic_segments,
+    semantic_labels,
     semantic_scores,
     uncertainty,
 )
@@ -203,11 +205,12 @@ class Predictor:
         results = []
         with self._context():
             for image in features:
-                scores = semantic_scores(self._logits(image, class_names), image.upsampler())
-                best, label = scores.max(0)
+                logits = self._logits(image, class_names)
+                scores = semantic_scores(logits, image.upsampler()) if return_scores else None
+                best, label = scores.max(0) if scores is not None else semantic_labels(logits, image.upsampler())
                 results.append(SemanticResult(
                     label.to(torch.int32).cpu().numpy(), best.cpu().numpy(), list(class_names),
-                    scores.cpu().numpy() if return_scores else None))
+                    scores.cpu().numpy() if scores is not None else None))
         return results
 
     def _thresholds(self) -> tuple[float, float]:
@@ -244,10 +247,12 @@ class Predictor:
             for image in features:
                 out = instances(self._logits(image, class_names), image.upsampler(), stuff_ids,
                                 detections=self.model.config.detections_per_image)
+                masks = out["masks"]
+                assert isinstance(masks, MaskStack)
+                classes = [int(c) for c in out["classes"]]
                 results.append(InstanceResult(
-                    out["masks"].cpu().numpy(), masks_to_boxes(out["masks"]).numpy(),
-                    out["scores"].cpu().numpy(), out["classes"].cpu().numpy(),
-                    [class_names[int(c)] for c in out["classes"]], out["queries"].cpu().numpy()))
+                    masks, masks.boxes(), np.asarray(out["scores"]), np.asarray(out["classes"]),
+                    [class_names[c] for c in classes], np.asarray(out["queries"])))
         return results
 
     def uncertainty(self, features: Features, class_names: Sequence[str]) -> np.ndarray:
@@ -286,6 +291,7 @@ class Predictor:
                         found.append(GroundingResult(phrases[k], (logits[j] > 0).cpu().numpy(),
                                                      logits[j].cpu().clone().numpy(), float(best_scores[k]),
                                                      int(best[k])))
+                    del logits  # before the next chunk is made: one chunk of full-size floats at a time
                 results.append(found)
         return results
 
@@ -431,10 +437,11 @@ class Predictor:
                 regions = []
                 for start, logits in image.upsampler().chunks(idx):
                     for j in range(logits.shape[0]):
-                        k, mask = start + j, logits[j] > 0
-                        if mask.any():
-                            regions.append(Region(mask.cpu().numpy(), _box(masks_to_boxes(mask[None])[0]), emb[k],
+                        k, packed = start + j, PackedMask.from_dense((logits[j] > 0).cpu())
+                        if packed.area:
+                            regions.append(Region(packed, _box(torch.tensor(packed.box)), emb[k],
                                                   float(score[chosen[k]]), chosen[k]))
+                    del logits  # before the next chunk is made: one chunk of full-size floats at a time
                 results.append(regions)
         return results
 

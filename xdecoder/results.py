@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xdecoder.masks import MaskStack, PackedMask
+
 
 @dataclass
 class SemanticResult:
@@ -35,7 +37,7 @@ class PanopticResult:
 
 @dataclass
 class InstanceResult:
-    masks: np.ndarray  # [N, H, W] bool
+    masks: MaskStack  # N packed masks: masks[i] is a dense [H, W] bool mask, np.asarray(masks) all of them
     boxes: np.ndarray  # [N, 4] float32 XYXY pixels, from the masks
     scores: np.ndarray  # [N] class score x mask score, descending
     category_ids: np.ndarray  # [N] int64
@@ -54,8 +56,13 @@ class GroundingResult:
 
 @dataclass
 class Region:
-    mask: np.ndarray  # [H, W] bool
+    packed: PackedMask  # the mask, cropped to its box and bit-packed
     box: tuple[float, float, float, float]
     embedding: np.ndarray  # [D] unit vector, comparable with text_embeddings()
     score: float  # objectness x mean mask probability inside the mask (Predictor.region_scores)
     query: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        """[H, W] bool, built on each access."""
+        return self.packed.dense()
