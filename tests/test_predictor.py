@@ -343,3 +343,27 @@ def test_packed_masks_round_trip_and_their_boxes_equal_numpys_extent() -> None:
     assert np.array_equal(np.asarray(stack), dense) and stack.shape == dense.shape
     assert all(np.array_equal(stack[i], m) for i, m in enumerate(dense))
     assert np.array_equal(stack[5:9][1], dense[6])
+
+
+def test_pixel_budget_applies_only_past_it() -> None:
+    """500 seeded random image sizes (1-40000 px a side, aspect ratios up to 400:1): within the budget the
+    resized size is the official demo's Resize(short_side) arithmetic, no cap (the reference below is
+    torchvision's, written out); past it, the area is at most the budget and the aspect ratio is kept."""
+    from xdecoder.predictor import PredictorSettings
+    from xdecoder.transforms import resized_shape
+
+    budget = PredictorSettings().max_pixels
+    assert budget is not None
+    rng = np.random.default_rng(3)
+    for _ in range(500):
+        h, w = (int(v) for v in np.exp(rng.uniform(0, np.log(40000), 2)))
+        short_side = int(rng.choice([160, 512, 800]))
+        short, long = min(h, w), max(h, w)
+        official = (short_side, int(short_side * long / short))
+        official = official if h <= w else official[::-1]
+        got = resized_shape(h, w, short_side, None, budget)
+        if official[0] * official[1] <= budget:
+            assert got == official, (h, w, short_side)
+        else:
+            assert got[0] * got[1] <= budget and got[0] * got[1] >= 0.99 * budget * (1 - 2 / min(got))
+            assert abs(got[0] / got[1] - official[0] / official[1]) <= 2 / min(got) * official[0] / official[1]

@@ -76,7 +76,11 @@ class Features:
 @dataclass
 class PredictorSettings:
     short_side: int = 512  # official demos: Resize(512), bicubic
-    max_size: int | None = 2048  # guards memory on extreme aspect ratios
+    max_size: int | None = None  # torchvision's long-side cap; None as in the official demos
+    # Resized pixels at most (the encode's memory grows with them): 512 x 8192, so at short side 512 an
+    # aspect ratio up to 16:1 resizes exactly as the official demos (no limit there); past it the image is
+    # scaled down to this area and outputs differ from the official code's.
+    max_pixels: int | None = 512 * 8192
     object_mask_threshold: float | None = None  # None: the model config's (0.8)
     overlap_threshold: float | None = None
     # A region's score is objectness x mean mask probability inside its mask (see region_embeddings);
@@ -135,7 +139,7 @@ class Predictor:
         prepared = []
         for image in images:
             rgb = to_rgb(image)
-            small = resize(rgb, s.short_side, s.max_size)
+            small = resize(rgb, s.short_side, s.max_size, s.max_pixels)
             prepared.append((ImageGeometry(rgb.shape[:2], small.shape[:2]), small))
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (geometry, _) in enumerate(prepared):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -91,19 +92,28 @@ def read_image(data: bytes, max_pixels: int = 64_000_000) -> tuple[np.ndarray, s
         raise ValueError(f"not a readable image: {type(err).__name__}: {err}") from err
 
 
-def resized_shape(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:
-    """torchvision ``Resize(short_side, max_size)`` arithmetic: the short side becomes ``short_side``."""
+def resized_shape(height: int, width: int, short_side: int, max_size: int | None,
+                  max_pixels: int | None = None) -> tuple[int, int]:
+    """torchvision ``Resize(short_side, max_size)`` arithmetic: the short side becomes ``short_side``.
+
+    ``max_pixels`` then bounds the resized area (both sides scaled by the same factor, the aspect ratio
+    kept to the pixel); images within it are untouched, as the official demos resize them.
+    """
     short, long = min(height, width), max(height, width)
     new_short, new_long = short_side, int(short_side * long / short)
     if max_size is not None and new_long > max_size:
         new_short, new_long = int(max_size * new_short / new_long), max_size
+    if max_pixels is not None and new_short * new_long > max_pixels:
+        scale = math.sqrt(max_pixels / (new_short * new_long))
+        new_short, new_long = int(new_short * scale), int(new_long * scale)
     new_short = max(new_short, 1)
     return (new_short, new_long) if height <= width else (new_long, new_short)
 
 
-def resize(rgb: np.ndarray, short_side: int, max_size: int | None = None) -> np.ndarray:
+def resize(rgb: np.ndarray, short_side: int, max_size: int | None = None,
+           max_pixels: int | None = None) -> np.ndarray:
     """PIL bicubic resize, as the official demos do (``transforms.Resize(S, BICUBIC)``)."""
-    h, w = resized_shape(rgb.shape[0], rgb.shape[1], short_side, max_size)
+    h, w = resized_shape(rgb.shape[0], rgb.shape[1], short_side, max_size, max_pixels)
     if (h, w) == rgb.shape[:2]:
         return rgb
     return np.array(Image.fromarray(rgb).resize((w, h), Image.Resampling.BICUBIC))
