@@ -38,6 +38,7 @@ from xdlabel.services import Services
 log = logging.getLogger(__name__)
 router = APIRouter()
 PREDICT_CHUNK = 4  # tasks read, decoded and encoded together: memory follows the chunk, not the request
+DELIVER_EVERY = 5.0  # seconds between the background pre-label's deliveries
 OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -161,6 +162,7 @@ def prelabel_rest(services: Services, client: LabelStudioClient, config: Labelin
     owner = f"{OWNER}:bg:{uuid.uuid4().hex[:12]}"
     by_id = {t["id"]: t for t in tasks}
     ids = list(by_id)
+    delivered_at = time.monotonic()
     try:
         for start in range(0, len(ids), PREDICT_CHUNK):
             claims = claim(services.sessions, target, ids[start:start + PREDICT_CHUNK], owner, 600.0, None)
@@ -172,7 +174,10 @@ def prelabel_rest(services: Services, client: LabelStudioClient, config: Labelin
                 release(services.sessions, target, owner, claims.compute)
                 raise
             finish(services.sessions, target, owner, dict(zip(claims.compute, made, strict=True)), None)
-            deliver(services, client)
+            if time.monotonic() - delivered_at > DELIVER_EVERY:  # in bulk, yet visible as it goes
+                deliver(services, client)
+                delivered_at = time.monotonic()
+        deliver(services, client)
     except Exception:  # noqa: BLE001 - logged; the tasks not done are asked for again by Label Studio
         log.exception("background pre-label of project %s failed", target.project_id)
 
