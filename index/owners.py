@@ -16,6 +16,11 @@ class Owners:
         self._pair = (np.asarray(ids, np.int64)[order], np.asarray(image_ids, np.int64)[order])
 
     @property
+    def pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, image ids), sorted by id: one consistent snapshot."""
+        return self._pair
+
+    @property
     def ids(self) -> np.ndarray:
         return self._pair[0]
 

@@ -13,11 +13,12 @@ swapped in; searches keep using the old index meanwhile and never wait for the b
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,52 +26,19 @@ import numpy as np
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from index.filters import Filters, filtered_ids
+from index.allowed import AllowedCache
+from index.calibrate import Calibration
+from index.filters import Filters
 from index.models import Embedding, EmbeddingChange, Image
 from index.owners import Owners
-from index.vectors import IndexParams, Manifest, VectorIndex
+from index.records import Hit, NewEmbedding, SyncReport, arrays, from_bytes, save_with_owners, to_bytes
+from index.vectors import IndexParams, Manifest, VectorIndex, train_size
 
 log = logging.getLogger(__name__)
 __all__ = ["Hit", "NewEmbedding", "Owners", "RetrievalStore", "SyncReport", "from_bytes", "to_bytes"]
 KINDS = ("image", "region")
 CHUNK = 5_000  # rows per SQL round trip when streaming vectors (also under SQLite's parameter limit)
-
-
-def to_bytes(vector: np.ndarray) -> bytes:
-    return np.ascontiguousarray(vector, dtype="<f4").tobytes()
-
-
-def from_bytes(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<f4")
-
-
-@dataclass(frozen=True)
-class Hit:
-    embedding_id: int
-    image_id: int
-    score: float
-    box: list[float] | None = None
-    mask_rle: dict[str, Any] | None = None
-    label: str | None = None
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    action: str  # loaded | updated | rebuilt
-    count: int
-    added: int = 0
-    removed: int = 0
-
-
-@dataclass(frozen=True)
-class NewEmbedding:
-    image_id: int
-    kind: str
-    vector: np.ndarray
-    box: list[float] | None = None
-    mask_rle: dict[str, Any] | None = None
-    score: float | None = None
-    label: str | None = None
+_GENERATIONS = itertools.count(1)
 
 
 @dataclass
@@ -82,6 +50,8 @@ class _Live:
     position: int
     dim: int
     checked: float
+    # new on every change to the index (unique in the process): cached filter results of older ones are stale
+    generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
 
 def _where(model_version_id: int, kind: str) -> tuple[Any, Any]:
@@ -102,6 +72,8 @@ class RetrievalStore:
         self._locks: dict[tuple[int, str], threading.RLock] = {}
         self._builds: dict[tuple[int, str], threading.Thread] = {}
         self._lock = threading.Lock()  # guards the three dicts
+        self.allowed = AllowedCache(sessions)
+        self._catching: dict[tuple[int, str], threading.Thread] = {}
 
     # -- indexes ------------------------------------------------------------------------------
 
@@ -129,13 +101,35 @@ class RetrievalStore:
                     self._maybe_grow(key)
             return live
         if self.refresh_seconds is not None and time.monotonic() - live.checked >= self.refresh_seconds:
-            lock = self._key_lock(key)
-            if lock.acquire(blocking=False):  # busy (catch-up, swap, save): search what is loaded
-                try:
-                    self._catch_up(key)
-                finally:
-                    lock.release()
+            if self.refresh_seconds > 0:  # off the query path: this search uses what is loaded
+                self._catch_up_in_background(key)
+            else:  # 0: every search sees every committed change (tests, benches)
+                lock = self._key_lock(key)
+                if lock.acquire(blocking=False):  # busy (catch-up, swap, save): search what is loaded
+                    try:
+                        self._catch_up(key)
+                    finally:
+                        lock.release()
         return self._live[key]
+
+    def _catch_up_in_background(self, key: tuple[int, str]) -> None:
+        def run() -> None:
+            try:
+                with self._key_lock(key):
+                    self._catch_up(key)
+            except Exception:  # the loaded index keeps serving; the next interval tries again
+                log.exception("catching up index mv%s-%s with the change log failed", *key)
+            finally:
+                with self._lock:
+                    self._catching.pop(key, None)
+
+        with self._lock:
+            if key in self._catching:
+                return
+            thread = threading.Thread(target=run, daemon=True, name=f"index-catch-up-mv{key[0]}-{key[1]}")
+            self._catching[key] = thread
+            self._live[key].checked = time.monotonic()  # one thread per interval, however many searches
+            thread.start()  # under the lock: wait() never sees it unstarted
 
     def _catch_up(self, key: tuple[int, str]) -> None:
         """Apply the change log past the loaded index's position (rows other processes wrote or
@@ -146,6 +140,7 @@ class RetrievalStore:
             position, added, removed = self._apply_log(session, key, live.index, live.owners, live.position)
         live.position = position
         if added or removed:
+            live.generation = next(_GENERATIONS)
             log.info("index mv%s-%s caught up with the change log: +%d -%d", *key, added, removed)
             self._maybe_grow(key)
 
@@ -189,7 +184,7 @@ class RetrievalStore:
             for query in queries:
                 rows = session.execute(query).all()
                 if rows:
-                    yield _arrays(rows)
+                    yield arrays(rows)
             return
         after = -1
         while True:  # keyset pagination on (model_version_id, kind, id): one chunk in memory at a time
@@ -197,7 +192,7 @@ class RetrievalStore:
             if not rows:
                 return
             after = int(rows[-1][0])
-            yield _arrays(rows)
+            yield arrays(rows)
 
     def _log_end(self, session: Session) -> int:
         return int(session.scalar(select(func.coalesce(func.max(EmbeddingChange.seq), 0))) or 0)
@@ -210,7 +205,7 @@ class RetrievalStore:
         VectorIndex.remove_stale_temps(path)
         with self.sessions() as session:
             try:
-                index, manifest = VectorIndex.load(path, self.params)
+                index, manifest, saved = VectorIndex.load_with_owners(path, self.params)
                 if index.dim != dim:
                     raise ValueError(f"dimension {index.dim} != {dim}")
                 if manifest.position > self._log_end(session):
@@ -219,7 +214,8 @@ class RetrievalStore:
                 if path.exists():
                     log.warning("index %s unusable (%s); rebuilding from SQL", path, err)
                 return self._rebuild(session, key, dim)
-            owners = self._owners_of(session, key, index.ids())
+            # the id map saved with the index (numpy arrays); SQL only for a file without one
+            owners = Owners(*saved) if saved is not None else self._owners_of(session, key, index.ids())
             position, added, removed = self._apply_log(session, key, index, owners, manifest.position)
             count = self._count(session, key)
             # A file that disagrees with SQL after the log (a database restored from a backup, a
@@ -230,7 +226,7 @@ class RetrievalStore:
         live = _Live(index, owners, position, dim, time.monotonic())
         if not (added or removed):
             return live, SyncReport("loaded", index.ntotal)
-        index.save(path, position)
+        save_with_owners(index, owners, path, position)
         return live, SyncReport("updated", index.ntotal, added=added, removed=removed)
 
     def _owners_of(self, session: Session, key: tuple[int, str], ids: np.ndarray) -> Owners:
@@ -246,15 +242,20 @@ class RetrievalStore:
         all_ids = np.array(session.scalars(select(Embedding.id).where(*_where(*key))).all(), dtype=np.int64)
         sample = np.zeros((0, dim), np.float32)
         if len(all_ids) > self.params.exact_max:
-            chosen = np.random.default_rng(0).choice(all_ids, min(len(all_ids), self.params.train_sample),
-                                                     replace=False)
+            chosen = np.random.default_rng(0).choice(all_ids, train_size(len(all_ids), self.params), replace=False)
             sample = np.concatenate([v for _, _, v in self._vectors(session, key, np.sort(chosen).tolist())])
-        index = VectorIndex.empty(dim, len(all_ids), sample, self.params)
+        del all_ids
+        index = VectorIndex.empty(dim, self._count(session, key), sample, self.params)
+        calibration = Calibration(sample) if index.kind == "ivf" else None
         del sample
         parts = []
         for ids, image_ids, vectors in self._vectors(session, key, None):
             index.add(ids, vectors)
+            if calibration is not None:  # exact top-10 of the calibration queries, on the same stream
+                calibration.observe(ids, vectors)
             parts.append((ids, image_ids))
+        if calibration is not None:
+            index.calibrate(calibration)
         owners = Owners(np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64),
                         np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
         position, _, _ = self._apply_log(session, key, index, owners, position)
@@ -262,7 +263,7 @@ class RetrievalStore:
 
     def _rebuild(self, session: Session, key: tuple[int, str], dim: int) -> tuple[_Live, SyncReport]:
         index, owners, position = self._build(session, key, dim)
-        index.save(self._path(*key), position)
+        save_with_owners(index, owners, self._path(*key), position)
         return _Live(index, owners, position, dim, time.monotonic()), SyncReport("rebuilt", index.ntotal,
                                                                                   added=index.ntotal)
 
@@ -289,7 +290,7 @@ class RetrievalStore:
             with self.sessions() as session:
                 index, owners, position = self._build(session, key, dim)
             try:
-                index.save(self._path(*key), position)  # nobody else holds the new index yet: no lock
+                save_with_owners(index, owners, self._path(*key), position)  # not shared yet: no lock
             except OSError as err:  # a full disk must not keep the better index from serving
                 log.warning("could not save the rebuilt index mv%s-%s: %s", *key, err)
             with self._key_lock(key), self.sessions() as session:
@@ -307,9 +308,9 @@ class RetrievalStore:
         return thread is not None and thread.is_alive()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for background rebuilds; True when none is left running."""
+        """Wait for background rebuilds and catch-ups; True when none is left running."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in list(self._builds.values()):
+        for thread in [*self._builds.values(), *self._catching.values()]:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in list(self._builds.values()))
 
@@ -337,7 +338,7 @@ class RetrievalStore:
         for key in list(self._live):
             with self._key_lock(key):
                 live = self._live[key]
-                saved[key] = live.index.save(self._path(*key), live.position)
+                saved[key] = save_with_owners(live.index, live.owners, self._path(*key), live.position)
         return saved
 
     # -- writes -------------------------------------------------------------------------------
@@ -376,6 +377,7 @@ class RetrievalStore:
                 new = ~live.owners.contains(ids)  # a concurrent catch-up may have added them already
                 live.owners.add(ids[new], np.array([row.image_id for row, _ in chosen], dtype=np.int64)[new])
                 live.index.add(ids[new], np.stack([vector for _, vector in chosen])[new])
+                live.generation = next(_GENERATIONS)
             self._maybe_grow(key)
         return [row.id for row in rows]
 
@@ -392,23 +394,21 @@ class RetrievalStore:
                 live = self._live[key]
                 live.index.remove(ids)
                 live.owners.remove(ids)
+                live.generation = next(_GENERATIONS)
         return len(doomed)
 
     # -- search -------------------------------------------------------------------------------
 
     def search(self, model_version_id: int, kind: str, queries: np.ndarray, k: int = 10, *,
                filters: Filters | None = None, offset: int = 0, min_score: float | None = None,
-               nprobe: int | None = None) -> list[list[Hit]]:
-        """Top hits per query row, best first; ``offset`` skips that many for paging."""
+               recall: float | None = None, nprobe: int | None = None) -> list[list[Hit]]:
+        """Top hits per query row, best first; ``offset`` skips that many for paging. ``recall``:
+        the recall@10 target (default ``params.recall``); ``nprobe`` overrides it (IVF only)."""
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         live = self._get((model_version_id, kind), queries.shape[1])
         filters = filters or Filters()
-        allowed = None
-        if not filters.empty:
-            with self.sessions() as session:
-                allowed = np.array(session.scalars(filtered_ids(model_version_id, kind, filters)).all(),
-                                   dtype=np.int64)
-        scores, ids = live.index.search(queries, k + offset, allowed=allowed, nprobe=nprobe)
+        allowed = None if filters.empty else self.allowed.get(model_version_id, kind, live.generation, filters)
+        scores, ids = live.index.search(queries, k + offset, allowed=allowed, nprobe=nprobe, recall=recall)
         scores, ids = scores[:, offset:], ids[:, offset:]
         if kind == "image":  # image hits carry no geometry: no SQL needed
             owners = live.owners.lookup(ids)
@@ -428,8 +428,3 @@ class RetrievalStore:
                 hits.append(Hit(e.id, e.image_id, float(score), e.box, e.mask_rle, e.label))
             results.append(hits)
         return results
-
-
-def _arrays(rows: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (np.array([r[0] for r in rows], dtype=np.int64), np.array([r[1] for r in rows], dtype=np.int64),
-            np.stack([from_bytes(r[2]) for r in rows]))

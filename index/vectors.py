@@ -1,11 +1,14 @@
 """A FAISS index of unit vectors keyed by SQL primary keys, for one (model version, kind).
 
 * Exact (``IndexIDMap2`` over ``IndexFlatIP``) up to ``exact_max`` vectors; past it an IVF index
-  (``IndexIVFFlat``, inner product, trained on a sample) whose ``nprobe`` is passed per call in
-  ``SearchParametersIVF`` — a shared index is never mutated to serve one request.
-* Filters arrive as the allowed SQL ids: FAISS searches only those (``IDSelectorBatch``); a small
-  allowed set is scored exactly from the stored vectors, and an IVF search that finds fewer than
-  ``k`` falls back to exact, so a selective filter still returns ``k`` hits when ``k`` exist.
+  (``IndexIVFFlat``, inner product, trained on a sample of ~64 vectors per list) whose ``nprobe``
+  is passed per call in ``SearchParametersIVF`` — a shared index is never mutated to serve one
+  request. ``nprobe`` comes from a recall target (``index.calibrate``: a curve measured on the
+  index's own data when it is built, saved in its manifest); an explicit ``nprobe`` overrides it.
+* Filters arrive as the allowed SQL ids: FAISS searches only those (``IDSelectorBatch``). IVF
+  widens ``nprobe`` by the filter's selectivity, and probes every list (exact over the allowed set,
+  in FAISS, no Python walk) when that is as cheap or the allowed set is small; a widened search
+  that finds fewer than ``k`` probes every list, so a filter still returns ``k`` hits when ``k`` exist.
 * Adds and removes are incremental. On a GPU build with a GPU, unfiltered searches run on a GPU
   copy that is refreshed after removals (GPU indexes cannot remove); the CPU index stays the truth.
 * ``outgrown()`` says when the index no longer fits its size (flat past ``exact_max``, IVF ``retrain_factor``
@@ -18,6 +21,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import tempfile
@@ -29,15 +33,19 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-MAGIC = b"XDLIDX1\n"
+from index.calibrate import Calibration, nprobe_for
+
+MAGIC = b"XDLIDX1\n"  # manifest + index
+MAGIC_OWNERS = b"XDLIDX2\n"  # manifest + id -> image id arrays + index
 
 @dataclass(frozen=True)
 class IndexParams:
     exact_max: int = 20_000  # flat up to here: one exact query costs ~2 ms at 20k (bench/search.py)
     nlist: int | None = None  # IVF lists; None: 4*sqrt(n), at least 16
-    nprobe: int = 32  # default IVF lists searched, overridable per call
+    recall: float = 0.95  # recall@10 target of IVF searches, overridable per call
+    nprobe: int | None = None  # expert override of the calibrated nprobe (also per call)
     exact_filter_max: int = 20_000  # allowed sets up to this size are scored exactly
-    train_sample: int = 100_000
+    train_sample: int | None = None  # IVF training vectors; None: 64 per list (FAISS asks for >= 39)
     use_gpu: bool | None = None  # None: when faiss has GPUs
     retrain_factor: float = 4.0  # an IVF index this many times larger or smaller than trained is rebuilt
     follow_size: bool = True  # False: keep the kind chosen at build time (the old behaviour, for benches)
@@ -52,6 +60,17 @@ class Manifest:
     count: int
     position: int = 0  # the last embedding_changes.seq applied
     trained: int = 0  # IVF: the number of vectors it was trained for
+    curve: list[tuple[int, float]] | None = None  # IVF: (nprobe, calibrated recall@10), rising
+    owners: bool = False  # the file holds the id -> image id map too
+
+
+def nlist_for(size: int, params: IndexParams) -> int:
+    return params.nlist or max(16, int(4 * np.sqrt(size)))
+
+
+def train_size(size: int, params: IndexParams) -> int:
+    """IVF training vectors for ``size``: grows with nlist, so every list gets enough points."""
+    return min(size, params.train_sample or 64 * nlist_for(size, params))
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -66,9 +85,11 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
 class VectorIndex:
     """Thread-safe: searches share a lock with mutations (FAISS allows concurrent searches only)."""
 
-    def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0) -> None:
+    def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0,
+                 curve: list[tuple[int, float]] | None = None) -> None:
         self.index, self.dim, self.params = index, dim, params
         self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
+        self.curve = [(int(p), float(r)) for p, r in curve or []] if isinstance(index, faiss.IndexIVF) else []
         self._lock = threading.RLock()
         self._gpu: faiss.Index | None = None
         self._gpu_dirty = True
@@ -81,7 +102,7 @@ class VectorIndex:
         params = params or IndexParams()
         if size <= params.exact_max:
             return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim, params)
-        nlist = params.nlist or max(16, int(4 * np.sqrt(size)))
+        nlist = nlist_for(size, params)
         quantizer = faiss.IndexFlatIP(dim)
         ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.train(_as_matrix(sample, dim))
@@ -98,10 +119,27 @@ class VectorIndex:
         sample = x
         if len(ids) > params.exact_max:
             rng = np.random.default_rng(0)
-            sample = x[rng.choice(len(x), size=min(len(x), params.train_sample), replace=False)]
+            sample = x[rng.choice(len(x), size=min(len(x), train_size(len(x), params)), replace=False)]
         index = cls.empty(dim, len(ids), sample, params)
+        calibration = Calibration(sample) if index.kind == "ivf" else None
         index.add(ids, x)
+        if calibration is not None:
+            calibration.observe(ids, x)
+            index.calibrate(calibration)
         return index
+
+    def calibrate(self, calibration: Calibration) -> None:
+        """Measure the recall curve of this IVF index against ``calibration``'s exact top-10
+        (which must have observed every vector added)."""
+        with self._lock:
+            self.curve = calibration.curve(self.index)
+
+    def nprobe(self, recall: float | None = None, nprobe: int | None = None) -> int:
+        """Lists an IVF search probes: ``nprobe`` if given, else the calibrated value for ``recall``."""
+        nlist = int(self.index.nlist)
+        if nprobe or self.params.nprobe:
+            return max(1, min(nlist, int(nprobe or self.params.nprobe or 1)))
+        return nprobe_for(self.curve, self.params.recall if recall is None else recall, nlist)
 
     def outgrown(self) -> bool:
         """True when another kind (or a retrained IVF) fits the current size better."""
@@ -109,6 +147,8 @@ class VectorIndex:
             return False
         if self.kind == "flat":
             return self.ntotal > self.params.exact_max
+        if not self.curve:  # saved before calibration existed: rebuild (and calibrate) once
+            return True
         factor = self.params.retrain_factor
         return self.ntotal > factor * self.trained or self.ntotal * factor < self.trained
 
@@ -130,7 +170,7 @@ class VectorIndex:
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     def manifest(self, position: int = 0) -> Manifest:
-        return Manifest(self.dim, self.kind, self.ntotal, position, self.trained)
+        return Manifest(self.dim, self.kind, self.ntotal, position, self.trained, self.curve or None)
 
     # -- mutation -----------------------------------------------------------------------------
 
@@ -157,26 +197,34 @@ class VectorIndex:
     # -- search -------------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None,
-               nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k inner products: (scores [n, k], ids [n, k]); missing hits are id -1, score -inf."""
+               nprobe: int | None = None, recall: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k inner products: (scores [n, k], ids [n, k]); missing hits are id -1, score -inf.
+        ``recall``: the recall@10 target (default ``params.recall``); ``nprobe`` overrides it."""
         q = _as_matrix(queries, self.dim)
         k = max(1, int(k))
         with self._lock:
-            if allowed is not None:
-                allowed = np.unique(np.asarray(allowed, dtype=np.int64))
-                if len(allowed) <= self.params.exact_filter_max:
-                    return self._exact(q, k, allowed)
-                scores, ids = self._search(q, k, allowed, nprobe)
-                if isinstance(self.index, faiss.IndexIVF) and (ids < 0).any() and len(allowed) >= k:
-                    return self._exact(q, k, allowed)  # IVF probed too few lists for this filter
-                return scores, ids
-            return self._search(q, k, None, nprobe)
+            ivf = isinstance(self.index, faiss.IndexIVF)
+            probe = self.nprobe(recall, nprobe) if ivf else 0
+            if allowed is None:
+                return self._search(q, k, None, probe)
+            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            if not ivf:
+                return self._search(q, k, allowed, 0)
+            nlist = int(self.index.nlist)
+            share = len(allowed) / max(1, self.ntotal)
+            widened = min(nlist, math.ceil(probe / max(share, 1e-9)))
+            if len(allowed) <= self.params.exact_filter_max or widened * 2 >= nlist:
+                return self._search(q, k, allowed, nlist)  # every list: exact over the allowed ids
+            scores, ids = self._search(q, k, allowed, widened)
+            if (ids < 0).any() and len(allowed) >= k:
+                return self._search(q, k, allowed, nlist)  # too few lists for this filter
+            return scores, ids
 
-    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None,
-                nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int
+                ) -> tuple[np.ndarray, np.ndarray]:
         selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
         if isinstance(self.index, faiss.IndexIVF):
-            params = faiss.SearchParametersIVF(nprobe=nprobe or self.params.nprobe)
+            params = faiss.SearchParametersIVF(nprobe=nprobe)
         else:
             params = faiss.SearchParameters()
         if selector is not None:
@@ -185,24 +233,6 @@ class VectorIndex:
         scores, ids = (gpu or self.index).search(q, k, params=None if gpu is not None else params)
         scores[ids < 0] = -np.inf
         return scores, ids
-
-    def _exact(self, q: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        present = allowed[self._contains(allowed)]
-        vectors = self.index.reconstruct_batch(present) if len(present) else np.zeros((0, self.dim), np.float32)
-        sims = q @ vectors.T
-        n = min(k, len(present))
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        ids = np.full((len(q), k), -1, dtype=np.int64)
-        if n:
-            top = np.argpartition(-sims, n - 1, axis=1)[:, :n]
-            order = np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable")
-            top = np.take_along_axis(top, order, 1)
-            scores[:, :n] = np.take_along_axis(sims, top, 1)
-            ids[:, :n] = present[top]
-        return scores, ids
-
-    def _contains(self, ids: np.ndarray) -> np.ndarray:
-        return np.isin(ids, self.ids())
 
     def _gpu_index(self) -> faiss.Index | None:
         use = self.params.use_gpu
@@ -218,16 +248,25 @@ class VectorIndex:
 
     # -- persistence ----------------------------------------------------------------------------
 
-    def save(self, path: Path, position: int = 0) -> Manifest:
-        """Write ``path``: the manifest (with the change-log ``position`` this index covers) and the
-        index in one file, through a unique temporary file that is renamed over ``path``."""
+    def save(self, path: Path, position: int = 0, owners: tuple[np.ndarray, np.ndarray] | None = None
+             ) -> Manifest:
+        """Write ``path``: the manifest (with the change-log ``position`` this index covers), the
+        id -> image id arrays when given (``owners``, exactly the index's ids), and the index, in
+        one file, through a unique temporary file that is renamed over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f, self._lock:
                 manifest = self.manifest(position)
+                if owners is not None:
+                    if len(owners[0]) != self.ntotal or len(owners[1]) != self.ntotal:
+                        raise ValueError(f"owners of {len(owners[0])} ids for an index of {self.ntotal}")
+                    manifest = Manifest(**{**asdict(manifest), "owners": True})
                 header = json.dumps(asdict(manifest)).encode()
-                f.write(MAGIC + len(header).to_bytes(8, "little") + header)
+                f.write((MAGIC_OWNERS if owners is not None else MAGIC) + len(header).to_bytes(8, "little") + header)
+                if owners is not None:
+                    for array in owners:
+                        f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
                 faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
                 f.flush()
                 os.fsync(f.fileno())
@@ -242,21 +281,41 @@ class VectorIndex:
     @classmethod
     def load(cls, path: Path, params: IndexParams | None = None) -> tuple[VectorIndex, Manifest]:
         """Raises (FileNotFoundError, RuntimeError, ValueError) on a missing or corrupt file."""
+        index, manifest, _ = cls.load_with_owners(path, params)
+        return index, manifest
+
+    @classmethod
+    def load_with_owners(cls, path: Path, params: IndexParams | None = None
+                         ) -> tuple[VectorIndex, Manifest, tuple[np.ndarray, np.ndarray] | None]:
+        """The index, its manifest and the id -> image id arrays saved with it (None in a file
+        written without them). Raises like ``load``."""
+        owners = None
         with open(path, "rb") as f:
-            if f.read(len(MAGIC)) != MAGIC:
+            magic = f.read(len(MAGIC))
+            if magic not in (MAGIC, MAGIC_OWNERS):
                 raise ValueError(f"{path}: not an xdlabel index file")
             size = int.from_bytes(f.read(8), "little")
-            if size > 1 << 16:
+            if size > 1 << 20:
                 raise ValueError(f"{path}: corrupt header")
-            manifest = Manifest(**json.loads(f.read(size)))
+            fields = json.loads(f.read(size))
+            fields["curve"] = [tuple(point) for point in fields.get("curve") or []] or None
+            manifest = Manifest(**fields)
+            if magic == MAGIC_OWNERS:
+                arrays = []
+                for _ in range(2):
+                    data = f.read(8 * manifest.count)
+                    if len(data) != 8 * manifest.count:
+                        raise ValueError(f"{path}: truncated id map")
+                    arrays.append(np.frombuffer(data, dtype="<i8").astype(np.int64))
+                owners = (arrays[0], arrays[1])
             index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
         if not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIVF):
             raise ValueError(f"{path}: unexpected index type {type(index).__name__}")
-        loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained)
+        loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained, curve=manifest.curve)
         if (loaded.ntotal, loaded.dim, loaded.kind) != (manifest.count, manifest.dim, manifest.kind):
             raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
                              f"manifest says {manifest}")
-        return loaded, manifest
+        return loaded, manifest, owners
 
     @staticmethod
     def remove_stale_temps(path: Path) -> int:
