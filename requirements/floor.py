@@ -23,7 +23,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-floor"
 FIND_LINKS = "/opt/wheels"
-TESTS = ["tests/test_tokenizer.py", "tests/test_parity.py"]
+TESTS = ["tests/test_tokenizer.py", "tests/test_parity.py", "tests/test_bleu.py"]
 # Import names that differ from the distribution names.
 MODULES = {"pillow": "PIL", "faiss-cpu": "faiss", "psycopg": "psycopg", "pycocotools": "pycocotools.mask",
            "scikit-image": "skimage", "python-multipart": "multipart", "pydantic-settings": "pydantic_settings",
