@@ -363,6 +363,7 @@ class IngestPipeline:
                     out.duplicates.append(d.item.uri)
                     out.stored.add(digest)
                     continue
+                self._inserted(session, d, image_id)
                 assert batch.vectors is not None and batch.regions is not None and batch.captions is not None
                 session.add(Prediction(image_id=image_id, model_version_id=model.version_id, task="caption",
                                        payload={"text": batch.captions[k]}))
@@ -384,6 +385,9 @@ class IngestPipeline:
             self.services.store.add_embeddings(session, model.version_id,
                                                {"image": model.image_dim, "region": model.region_dim}, items)
         return out
+
+    def _inserted(self, session: Session, decoded: Decoded, image_id: int) -> None:
+        """Called in the batch's transaction for each image it inserts (a video frame adds its link)."""
 
     def _gone(self) -> DatasetGone:
         return DatasetGone(f"dataset {self.dataset!r} was deleted while this run was writing to it; nothing more "

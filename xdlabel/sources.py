@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 from annotator.fetcher import FetchError, GuardedFetcher
+from xdlabel.video import VIDEO_SUFFIXES
 
 if TYPE_CHECKING:
     from annotator.client import LabelStudioClient
@@ -127,7 +128,7 @@ def _name(given: str) -> str:
 
 def folder_items(root: Path, pattern: str = "**/*", access: Access = ANYWHERE,
                  given: str | None = None) -> Iterator[Item]:
-    """Image files under ``root`` matching ``pattern`` (recursive by default), in sorted order.
+    """Image and video files under ``root`` matching ``pattern`` (recursive by default), in sorted order.
     A file that resolves (through a symlink) to where ``access`` forbids refuses the whole folder."""
     given = _name(given or str(root))
     if not root.is_dir():
@@ -135,7 +136,7 @@ def folder_items(root: Path, pattern: str = "**/*", access: Access = ANYWHERE,
     if not pattern or Path(pattern).is_absolute():
         raise SourceRefused(f"{given}: the glob pattern must be a relative one")
     for path in sorted(root.glob(pattern)):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
             yield Item(access.check(os.path.join(given, os.path.relpath(path, root)), path).as_uri())
 
 
