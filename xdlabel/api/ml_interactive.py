@@ -1,7 +1,14 @@
 """Interactive prompts in the editor (a typed phrase, a click, a box): the image is encoded once
 and its features kept, keyed by the file's content hash, so every later prompt on that image only
 runs the decoder's cheap heads. The cache drops the least recently used images first and holds at
-most ``XDLABEL_ML_FEATURE_CACHE_MB`` of tensors."""
+most ``XDLABEL_ML_FEATURE_CACHE_MB`` of tensors.
+
+Clicks and boxes of one interaction session (Label Studio sends them all in ``context.result``)
+make one region: each positive click adds the best candidate mask under it, a box adds the
+candidate overlapping it most (cut to the box), and each negative click subtracts the best
+candidate under it that holds no positive click; what is then still nearer to a negative click
+than to every positive one is cut as well. Typed phrases go to ``annotator.prelabel.interactive``.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +16,20 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from torch import Tensor
 
 from annotator.client import LabelStudioClient
-from annotator.labeling import LabelingConfig
-from annotator.prelabel import PrelabelSettings, interactive
+from annotator.convert import Result
+from annotator.labeling import LabelingConfig, Target
+from annotator.prelabel import LabelledRegion, PrelabelSettings, interactive, region_results, regions
 from annotator.project import task_image_url
+from annotator.vocabulary import match_phrase, model_text_encoder
+from xdecoder.predictor import Predictor
 from xdecoder.transforms import read_image
 from xdlabel.services import Services
 
@@ -90,9 +103,12 @@ def encoded(services: Services, cache: FeatureCache, client: LabelStudioClient, 
     return features
 
 
+SPATIAL = ("keypointlabels", "rectanglelabels")
+
+
 def interactive_answer(services: Services, connections: Connections, client: LabelStudioClient,
                        config: LabelingConfig, tasks: list[dict[str, Any]], context: dict[str, Any],
-                       version: str) -> dict[str, Any]:
+                       version: str, mapping: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The answer to the editor's prompts on the first task (an empty result if its image cannot
     be read: the editor shows nothing rather than an error)."""
     empty: dict[str, Any] = {"result": [], "score": 0.0, "model_version": version}
@@ -105,5 +121,115 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
         log.warning("task %s: %s", tasks[0].get("id"), err)
         return empty
     settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
+    prompts = [p for p in context.get("result", []) if isinstance(p, dict)]
+    spatial = [p for p in prompts if p.get("type") in SPATIAL]
+    others = [p for p in prompts if p.get("type") not in SPATIAL]
     with services.model_lock:
-        return interactive(services.predictor, features, config, context, version, settings)
+        predictor = services.predictor
+        answer = interactive(predictor, features, config, {"result": others}, version, settings, mapping=mapping) \
+            if others else dict(empty)
+        if spatial:
+            answer["result"] = [*answer["result"], *session_region(predictor, features, config, spatial,
+                                                                   settings, mapping)]
+    answer["result"] = [dict(r, id=f"xd{i}") for i, r in enumerate(answer["result"])]
+    answer["score"] = max((r.get("score", 0.0) for r in answer["result"]), default=0.0)
+    return answer
+
+
+def _point(value: Mapping[str, Any], height: int, width: int) -> tuple[int, int]:
+    return (min(max(int(float(value["y"]) * height / 100.0), 0), height - 1),
+            min(max(int(float(value["x"]) * width / 100.0), 0), width - 1))
+
+
+def _box(value: Mapping[str, Any], height: int, width: int) -> np.ndarray:
+    box = np.zeros((height, width), dtype=bool)
+    x0, y0 = int(float(value["x"]) * width / 100.0), int(float(value["y"]) * height / 100.0)
+    x1 = int(np.ceil((float(value["x"]) + float(value["width"])) * width / 100.0))
+    y1 = int(np.ceil((float(value["y"]) + float(value["height"])) * height / 100.0))
+    box[max(y0, 0):y1, max(x0, 0):x1] = True
+    return box
+
+
+def combine(candidates: Sequence[LabelledRegion], prompts: Sequence[Mapping[str, Any]], height: int, width: int
+            ) -> tuple[np.ndarray, list[LabelledRegion]]:
+    """One mask from a session's clicks and boxes over the candidate masks; returns it with the
+    candidates it was built from."""
+    mask = np.zeros((height, width), dtype=bool)
+    used: list[LabelledRegion] = []
+    positives: list[tuple[int, int]] = []
+    negatives: list[tuple[int, int]] = []
+    for prompt in prompts:
+        value = prompt.get("value") or {}
+        if prompt.get("type") == "keypointlabels":
+            point = _point(value, height, width)
+            (positives if prompt.get("is_positive", True) is not False else negatives).append(point)
+            if prompt.get("is_positive", True) is False:
+                continue
+            best = max((c for c in candidates if c.mask[point]), key=lambda c: c.score, default=None)
+            if best is not None:
+                mask |= best.mask
+                used.append(best)
+        else:
+            box = _box(value, height, width)
+            ious = [(c.mask & box).sum() / max((c.mask | box).sum(), 1) for c in candidates]
+            if ious and max(ious) > 0:
+                best = candidates[int(np.argmax(ious))]
+                mask |= best.mask & box
+                used.append(best)
+    for point in negatives:
+        if not mask[point]:
+            continue
+        free = [c for c in candidates if c.mask[point] and not any(c.mask[p] for p in positives)]
+        cut = max(free, key=lambda c: c.score, default=None)
+        if cut is not None:
+            mask &= ~cut.mask
+    if negatives and mask.any():
+        # What is still nearer to a negative click than to every positive one is not the object.
+        ys, xs = np.mgrid[0:height, 0:width]
+
+        def nearest(points: list[tuple[int, int]]) -> np.ndarray:
+            return np.min([(ys - r) ** 2 + (xs - c) ** 2 for r, c in points], axis=0)
+
+        if positives:
+            mask &= ~(nearest(negatives) < nearest(positives))
+        else:
+            for point in negatives:
+                mask[point] = False
+    return mask, used
+
+
+def session_region(predictor: Predictor, features: Features, config: LabelingConfig,
+                   prompts: Sequence[Mapping[str, Any]], settings: PrelabelSettings,
+                   mapping: Mapping[str, str] | None) -> list[Result]:
+    """The session's one region, in the project's tool for its label."""
+    (height, width) = features.images[0].geometry.original
+    candidates = regions(predictor, features, replace(config, task="instance", stuff=frozenset()))[0]
+    mask, used = combine(candidates, prompts, height, width)
+    if not mask.any() or int(mask.sum()) < settings.min_area:
+        return []
+    named = next((p["value"][p["type"]][0] for p in prompts
+                  if isinstance(p.get("value"), dict) and p["value"].get(p.get("type"))), None)
+    target = config.mask_target(named)
+    if target is None:
+        return []
+    label = _label(config, target, named, used, predictor, mapping)
+    if label is None:
+        log.warning("no label of %r for the region of %d prompts", target.from_name, len(prompts))
+        return []
+    score = float(np.mean([c.score for c in used])) if used else 0.0
+    return region_results(LabelledRegion(label, mask, score), [target], settings)
+
+
+def _label(config: LabelingConfig, target: Target, named: str | None, used: Sequence[LabelledRegion],
+           predictor: Predictor, mapping: Mapping[str, str] | None) -> str | None:
+    """The prompt's own label (by name, else by meaning), else the best candidate's class."""
+    if named:
+        found = target.label_named(named) or match_phrase(named, target.vocabulary, model_text_encoder(predictor),
+                                                          mapping=mapping).label
+        if found:
+            return found
+    for candidate in sorted(used, key=lambda c: -c.score):
+        routed = next((label for t, label in config.routes.get(candidate.label, ()) if t == target), None)
+        if routed or target.vocabulary.exact(candidate.label):
+            return routed or target.vocabulary.exact(candidate.label)
+    return None

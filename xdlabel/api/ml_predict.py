@@ -30,7 +30,7 @@ from annotator.project import task_image_url
 from xdecoder.transforms import read_image
 from xdlabel.api.auth import ServicesDep
 from xdlabel.api.ml_interactive import interactive_answer
-from xdlabel.api.ml_setup import ConnectionsDep, labeling_config, project_id, refuse
+from xdlabel.api.ml_setup import ConnectionsDep, label_mapping, labeling_config, project_id, refuse
 from xdlabel.api.ml_store import Target, claim, finish, release
 from xdlabel.api.schemas import Text
 from xdlabel.services import Services
@@ -103,7 +103,8 @@ def predict(body: PredictRequest, services: ServicesDep, connections: Connection
     raw_context = body.params.get("context")
     context: dict[str, Any] = raw_context if isinstance(raw_context, dict) else {}
     if context.get("result"):  # interactive: one answer, for the first task; never stored
-        answer = interactive_answer(services, connections, client, config, body.tasks, context, version)
+        answer = interactive_answer(services, connections, client, config, body.tasks, context, version,
+                                    label_mapping(services, connections.params(body.project)))
         return {"results": [answer, *([] for _ in body.tasks[1:])]}
     project = project_id(body.project)
     if project is None:

@@ -90,11 +90,16 @@ def _is_score(value: Any) -> bool:
 
 @lru_cache(maxsize=64)
 def _config(xml: str, task: str, default: float, thresholds: tuple[tuple[str, float], ...],
-            mapping: tuple[tuple[str, str], ...]) -> LabelingConfig:
-    config = parse_labeling_config(xml, task, default, dict(thresholds), mapping=dict(mapping))
+            mapping: tuple[tuple[str, str], ...], routing: str) -> LabelingConfig:
+    config = parse_labeling_config(xml, task, default, dict(thresholds), mapping=dict(mapping), routing=routing)
     for warning in config.warnings:
         log.warning("labeling config: %s", warning)
     return config
+
+
+def label_mapping(services: Services, params: ProjectParams | None) -> dict[str, str]:
+    """Phrase -> label: the project's extra_params over XDLABEL_LS_LABEL_MAP."""
+    return {**services.settings.ls_label_map, **(params.label_mapping if params else {})}
 
 
 def labeling_config(services: Services, xml: str, params: ProjectParams | None = None) -> LabelingConfig:
@@ -103,7 +108,8 @@ def labeling_config(services: Services, xml: str, params: ProjectParams | None =
     thresholds = {**s.ls_thresholds, **p.thresholds}
     try:
         return _config(xml, p.task or s.ls_task, s.ls_score_threshold if p.threshold is None else p.threshold,
-                       tuple(sorted(thresholds.items())), tuple(sorted(p.label_mapping.items())))
+                       tuple(sorted(thresholds.items())), tuple(sorted(label_mapping(services, p).items())),
+                       s.ls_routing)
     except ValueError as err:
         raise refuse(400, str(err)) from None
 
