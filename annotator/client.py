@@ -56,6 +56,13 @@ def _retry_after(headers: Any) -> float | None:
     return value if value >= 0 else None
 
 
+def _detail(body: Any) -> str:
+    """Django REST framework's message out of an error body ({"detail": ...}), else the body."""
+    if isinstance(body, dict) and isinstance(body.get("detail"), str):
+        return str(body["detail"])
+    return str(body)
+
+
 def _is_jwt(token: str) -> bool:
     return token.count(".") == 2
 
@@ -99,7 +106,7 @@ class LabelStudioClient:
     def _raise_for(self, status: int | None, body: Any, headers: Any = None) -> NoReturn:
         if status in (401, 403):
             raise LabelStudioAuthError(
-                f"Label Studio at {self.url} refused the token ({status}: {body}); check XDLABEL_LS_TOKEN (a "
+                f"Label Studio at {self.url} refused the token ({status}: {_detail(body)}); check XDLABEL_LS_TOKEN (a "
                 f"legacy or personal access token of a user of that server) and XDLABEL_LS_URL") from None
         if status is not None and (status == 429 or status >= 500):
             raise LabelStudioUnavailable(f"Label Studio at {self.url} answered {status}", sent=status != 429,

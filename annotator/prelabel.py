@@ -132,10 +132,23 @@ def region_results(region: LabelledRegion, targets: Sequence[Target], settings: 
     return results
 
 
+def _drawn(mask: np.ndarray, kind: str) -> np.ndarray:
+    """What a control shows of a mask: the mask, or for a rectangle its bounding box."""
+    if kind != "rectangle":
+        return mask
+    box = mask_to_box(mask)
+    drawn = np.zeros_like(mask, dtype=bool)
+    if box is not None:
+        drawn[box[1]:box[3], box[0]:box[2]] = True
+    return drawn
+
+
 def routed_results(region: LabelledRegion, config: LabelingConfig, settings: PrelabelSettings,
-                   tally: LabelTally | None = None) -> list[Result]:
+                   tally: LabelTally | None = None, shown: dict[str, list[np.ndarray]] | None = None
+                   ) -> list[Result]:
     """A candidate region in the controls its class is routed to, each under that control's label
-    and threshold."""
+    and threshold. ``shown`` (control -> what it shows already, for one image): a region a control
+    would show again (IoU >= SAME_OBJECT_IOU; two masks can share one box) is left out there."""
     results: list[Result] = []
     if region.mask.sum() < settings.min_area:
         return results
@@ -145,6 +158,11 @@ def routed_results(region: LabelledRegion, config: LabelingConfig, settings: Pre
             if tally is not None:
                 tally.under[key] += 1
             continue
+        if shown is not None:
+            drawn = _drawn(region.mask, target.kind)
+            if any(_iou(drawn, other) >= SAME_OBJECT_IOU for other in shown.get(target.from_name, [])):
+                continue
+            shown.setdefault(target.from_name, []).append(drawn)
         made = region_results(LabelledRegion(label, region.mask, region.score), [target], settings)
         if tally is not None:
             tally.made[key] += len(made)
@@ -166,8 +184,9 @@ def predictions(predictor: Predictor, features: Features, config: LabelingConfig
     out = []
     for k, image_regions in enumerate(per_image):
         result: list[Result] = []
+        shown: dict[str, list[np.ndarray]] = {}
         for region in image_regions:
-            result += routed_results(region, config, settings, tally)
+            result += routed_results(region, config, settings, tally, shown)
         if captions is not None and config.caption and settings.captions:
             result.append(caption_result(captions[k], config.caption, config.image))
         out.append({"result": _with_ids(result), "score": round(1.0 - float(uncertainty[k]), 4),

@@ -12,10 +12,10 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from annotator.client import LabelStudioAuthError, LabelStudioClient, LabelStudioUnavailable, Task
+from annotator.client import LabelStudioAuthError, LabelStudioClient, LabelStudioError, LabelStudioUnavailable, Task
 from annotator.labeling import LabelingConfig, parse_labeling_config
 from annotator.outbox import DeliveryReport, Outbox, Outgoing, enqueue
-from annotator.prelabel import PrelabelSettings, predictions
+from annotator.prelabel import LabelTally, PrelabelSettings, predictions
 from index.models import LabelStudioDelivery
 from xdecoder.predictor import Predictor
 from xdecoder.transforms import read_image
@@ -30,6 +30,8 @@ class PrelabelReport:
     skipped: int = 0  # already predicted by this model version, or already queued (unless forced)
     failed: dict[int, str] = field(default_factory=dict)  # task id -> reason
     delivery: DeliveryReport = field(default_factory=DeliveryReport)
+    labels: list[dict[str, Any]] = field(default_factory=list)  # per control and label (LabelTally.summary)
+    warnings: list[str] = field(default_factory=list)  # settings naming labels the config lacks
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,10 @@ class PrelabelOptions:
     batch_size: int = 4
     task: str = "auto"  # auto | panoptic | instance | semantic
     default_threshold: float = 0.5
-    thresholds: Mapping[str, float] = field(default_factory=dict)
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # "label" or "control:label" -> score
+    threshold: float | None = None  # wins over every other threshold (prelabel --threshold)
+    label_map: Mapping[str, str] = field(default_factory=dict)  # phrase -> label value: extra prompts
+    routing: str = "tool"  # tool | every (annotator.labeling)
     max_image_bytes: int = 100 * 1024 * 1024
     max_image_pixels: int = 64_000_000
     deliver_wait: float = 0.0  # seconds to keep retrying an unreachable Label Studio at the end
@@ -89,20 +94,44 @@ def _chunks(items: list[Task], size: int) -> Iterator[list[Task]]:
         yield items[start:start + size]
 
 
-def prelabel_project(predictor: Predictor, client: LabelStudioClient, sessions: sessionmaker[Session],
-                     project_id: int, model_version: str, options: PrelabelOptions = PrelabelOptions(),
+def project_config(client: LabelStudioClient, project_id: int, options: PrelabelOptions = PrelabelOptions()
+                   ) -> LabelingConfig:
+    """The project's labeling config as xdlabel reads it; a wrong URL, token or project id raises
+    here, as one readable line, before anything loads the model."""
+    try:
+        project = client.project(project_id)
+    except LabelStudioError as err:
+        if err.status_code == 404:
+            raise ValueError(f"Label Studio at {client.url} has no project {project_id} (404)") from None
+        raise
+    return parse_labeling_config(project["label_config"], options.task, options.default_threshold,
+                                 options.thresholds, mapping=options.label_map, routing=options.routing,
+                                 override=options.threshold)
+
+
+def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: LabelStudioClient,
+                     sessions: sessionmaker[Session], project_id: int, model_version: str,
+                     options: PrelabelOptions = PrelabelOptions(),
                      progress: Callable[[PrelabelReport], None] | None = None) -> PrelabelReport:
-    project = client.project(project_id)
-    config = parse_labeling_config(project["label_config"], options.task, options.default_threshold,
-                                   options.thresholds)
+    """``predictor`` may be a function giving it, called only once there is work to do (after the
+    project, its config and its tasks were read)."""
+    config = project_config(client, project_id, options)
     outbox = Outbox(sessions, client)
-    report = PrelabelReport()
+    report = PrelabelReport(warnings=list(config.warnings))
+    for warning in config.warnings:
+        log.warning("project %s: %s", project_id, warning)
+    tally = LabelTally()
     with sessions() as session:
-        queued = set(session.scalars(select(LabelStudioDelivery.task_id).where(
+        rows = session.execute(select(LabelStudioDelivery.task_id, LabelStudioDelivery.state).where(
             LabelStudioDelivery.server == client.url, LabelStudioDelivery.project_id == project_id,
-            LabelStudioDelivery.model_version == model_version)))
+            LabelStudioDelivery.model_version == model_version)).all()
+    # Still on its way (pending, sending, being computed, failed: `labelstudio requeue`) counts as
+    # done; one Label Studio received (delivered, or answered to its /ml/predict) counts only while
+    # Label Studio still holds it, so deleting predictions there and running again redoes those.
+    queued = {task_id for task_id, state in rows if state not in ("delivered", "answered")}
+    known = {task_id for task_id, _ in rows}
     todo: list[Task] = []
-    replace: set[int] = set()  # forced tasks that hold or have queued one already
+    replace: set[int] = set()  # tasks whose outbox row (or Label Studio prediction) the new one replaces
     for task in client.tasks(project_id):
         if options.task_ids and task["id"] not in options.task_ids:
             continue
@@ -112,8 +141,9 @@ def prelabel_project(predictor: Predictor, client: LabelStudioClient, sessions: 
             report.skipped += 1
             continue
         todo.append(task)
-        if done or task["id"] in queued:
+        if done or task["id"] in known:
             replace.add(task["id"])
+    model = predictor if isinstance(predictor, Predictor) or not todo else predictor()
     for chunk in _chunks(todo, options.batch_size):
         images: list[np.ndarray] = []
         readable: list[Task] = []
@@ -125,7 +155,8 @@ def prelabel_project(predictor: Predictor, client: LabelStudioClient, sessions: 
                 report.failed[task["id"]] = str(err)
                 log.warning("task %s: %s", task["id"], err)
         if readable:
-            out = predictions(predictor, predictor.encode(images), config, model_version, options.prelabel)
+            assert isinstance(model, Predictor)
+            out = predictions(model, model.encode(images), config, model_version, options.prelabel, tally=tally)
             with sessions() as session:
                 enqueue(session, client.url, [Outgoing(project_id, t["id"], p, replace=t["id"] in replace)
                                               for t, p in zip(readable, out, strict=True)])
@@ -136,6 +167,7 @@ def prelabel_project(predictor: Predictor, client: LabelStudioClient, sessions: 
         if progress:
             progress(report)
     _accumulate(report.delivery, outbox.deliver(wait=options.deliver_wait))
+    report.labels = tally.summary(config)
     return report
 
 
@@ -150,4 +182,22 @@ def describe(report: PrelabelReport) -> dict[str, Any]:
     return {"tasks": report.tasks, "predicted": report.predicted, "skipped": report.skipped,
             "failed": {str(k): v for k, v in report.failed.items()}, "delivered": report.delivery.delivered,
             "delivery_failed": report.delivery.failed, "pending": report.delivery.pending,
-            "requests": report.delivery.requests, "delivery_error": report.delivery.error}
+            "requests": report.delivery.requests, "delivery_error": report.delivery.error,
+            "labels": report.labels, "warnings": report.warnings}
+
+
+def label_summary(report: PrelabelReport) -> str:
+    """The per-label table printed at the end of a run: regions made, dropped under the threshold,
+    and the labels the model never proposed."""
+    if not report.labels:
+        return ""
+    width = max(len(f"{r['control']}:{r['label']}") for r in report.labels)
+    lines = [f"{'control:label':<{width}}  regions  under threshold  threshold"]
+    for r in report.labels:
+        name = f"{r['control']}:{r['label']}"
+        lines.append(f"{name:<{width}}  {r['regions']:>7}  {r['under_threshold']:>15}  {r['threshold']:>9}")
+    never = [f"{r['control']}:{r['label']}" for r in report.labels if not r["found"]]
+    if never and report.predicted:
+        lines.append(f"never found: {', '.join(never)}")
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)

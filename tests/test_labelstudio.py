@@ -349,8 +349,9 @@ def test_export_from_stored_webhook_annotations(sessions) -> None:  # type: igno
         tasks = tasks_from_store(session, 1)
     assert [t["id"] for t in tasks] == [3]
     coco = to_coco(tasks)
-    assert coco["categories"] == [{"id": 1, "name": "box", "supercategory": ""}]
-    assert coco["annotations"][0]["area"] == int(mask.sum()) and coco["images"][0]["file_name"] == "/data/x.png"
+    assert coco["categories"] == [{"id": 1, "name": "box", "supercategory": "", "isthing": 1}]
+    assert coco["annotations"][0]["area"] == int(mask.sum())
+    assert (coco["images"][0]["file_name"], coco["images"][0]["coco_url"]) == ("x.png", "/data/x.png")
 
 
 def test_cli_prelabel_export_and_connect(ls_client: LabelStudioClient, label_studio: LocalLabelStudio,

@@ -1,8 +1,11 @@
 """Fine-tune X-Decoder on human-corrected labels and keep the result only if it is better.
 
 The scenes are split deterministically (every ``holdout_every``-th scene held out); the held-out
-metrics are measured before and after training with the same code, and the new checkpoint is
-registered as a model version only when its held-out mIoU beats the starting one.
+metrics are measured before and after training with the same code. "Better" is decided on the
+per-image change of mIoU over the held-out images: with at least ``min_heldout`` of them, the new
+checkpoint is registered as a model version only when the bootstrap interval of the mean change
+(``confidence``, scipy's percentile bootstrap, seeded) lies above zero; with fewer, nothing is
+decided and nothing registered, and the report says why.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class FinetuneOptions:
     holdout_every: int = 4
     freeze_backbone: bool = False
     freeze_text: bool = False
-    metric: str = "miou"  # what "better" means
+    metric: str = "miou"  # the aggregate metric reported first
+    min_heldout: int = 10  # held-out images needed to decide "better"
+    confidence: float = 0.95
 
 
 @dataclass
@@ -54,6 +59,9 @@ class FinetuneReport:
     train_scenes: int = 0
     heldout_scenes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None  # of the mean per-image mIoU change, after - before
+    mean_change: float = 0.0
+    decision: str = ""
 
 
 def split(scenes: Sequence[Scene], every: int) -> tuple[list[Scene], list[Scene]]:
@@ -72,12 +80,12 @@ def finetune(config: str, init: str, scenes: Sequence[Scene], class_names: Seque
     height, width = scenes[0].image.shape[:2]
     model = build_model(config)
     load_checkpoint(model, init)
-    def measure() -> dict[str, float]:
+    def measure() -> tuple[dict[str, float], np.ndarray]:
         # A new predictor each time: a predictor caches class-name embeddings, which training changes.
         predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=min(height, width)))
-        return evaluate(predictor, held, class_names, stuff)
+        return evaluate(predictor, held, class_names, stuff), per_image_miou(predictor, held, class_names)
 
-    before = measure()
+    before, before_images = measure()
     cfg = TrainConfig(steps=options.steps, batch_size=options.batch_size, lr=options.lr, seed=options.seed,
                       freeze_backbone=options.freeze_backbone, freeze_text=options.freeze_text,
                       checkpoint_every=max(options.steps, 1), warmup=min(20, options.steps))
@@ -88,12 +96,14 @@ def finetune(config: str, init: str, scenes: Sequence[Scene], class_names: Seque
         return [train[rng.randrange(len(train))] for _ in range(options.batch_size)]
 
     trainer.fit(batch, folder=out, log=log)
-    after = measure()
-    improved = after[options.metric] > before[options.metric]
+    after, after_images = measure()
+    improved, interval, decision = decide(after_images - before_images, options)
     checkpoint = out / "model.safetensors"
     trainer.save(out, {"init": init, "training_data_sha256": data_digest, "before": before, "after": after,
                        "improved": improved, "stuff": list(stuff)})
-    report = FinetuneReport(before, after, improved, checkpoint, train_scenes=len(train), heldout_scenes=len(held))
+    report = FinetuneReport(before, after, improved, checkpoint, train_scenes=len(train), heldout_scenes=len(held),
+                            interval=interval, mean_change=float(np.mean(after_images - before_images)),
+                            decision=decision)
     if improved and sessions is not None:
         sha = file_sha256(checkpoint)
         with sessions() as session:
@@ -102,6 +112,45 @@ def finetune(config: str, init: str, scenes: Sequence[Scene], class_names: Seque
             session.commit()
             report.model_version = version.name
     return report
+
+
+def per_image_miou(predictor: Predictor, scenes: Sequence[Scene], class_names: Sequence[str]) -> np.ndarray:
+    """Each image's mean IoU over the classes in its ground truth or its prediction (the semantic
+    map scored as ``evaluate`` scores it, one image at a time)."""
+    names = list(class_names)
+    values = []
+    for scene in scenes:
+        label_map = predictor.semantic(predictor.encode(scene.image), names)[0].label_map
+        truth = np.zeros_like(label_map)
+        for segment in scene.segments:
+            truth[scene.mask(segment.id)] = segment.category_id
+        ious = []
+        for c in np.union1d(np.unique(label_map), np.unique(truth)):
+            p, g = label_map == c, truth == c
+            ious.append(np.logical_and(p, g).sum() / np.logical_or(p, g).sum())
+        values.append(float(np.mean(ious)))
+    return np.asarray(values, dtype=np.float64)
+
+
+def decide(changes: np.ndarray, options: FinetuneOptions) -> tuple[bool, tuple[float, float] | None, str]:
+    """Whether the per-image changes show the new checkpoint better: the bootstrap interval of their
+    mean above zero, on at least ``options.min_heldout`` images."""
+    from scipy.stats import bootstrap
+
+    n, mean = len(changes), float(np.mean(changes)) if len(changes) else 0.0
+    interval: tuple[float, float] | None = None
+    if n >= 2 and np.ptp(changes) > 0:
+        ci = bootstrap((changes,), np.mean, confidence_level=options.confidence, n_resamples=2000,
+                       method="percentile", random_state=options.seed).confidence_interval
+        interval = (float(ci.low), float(ci.high))
+    elif n >= 1:
+        interval = (mean, mean)  # every image changed alike
+    shown = f"[{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "none"
+    what = f"mean per-image mIoU change {mean:+.4f} over {n} held-out images, {options.confidence:.0%} interval {shown}"
+    if n < options.min_heldout:
+        return False, interval, f"not decided: {what}; {options.min_heldout} held-out images are needed"
+    better = interval is not None and interval[0] > 0
+    return better, interval, f"{'better' if better else 'not better'}: {what}"
 
 
 def labelstudio_data(client: LabelStudioClient, project_id: int, size: tuple[int, int],
@@ -127,10 +176,10 @@ def coco_image_reader(root: Path, client: LabelStudioClient | None, max_bytes: i
     """A COCO entry's image: ``file_name`` under ``root``, or, in a file exported from Label Studio,
     a Label Studio URL read with its auth (when a client is given)."""
     def read(entry: dict[str, Any]) -> np.ndarray:
-        name = entry["file_name"]
-        if client is not None and name.startswith(("/data/", "http://", "https://")):
-            return read_image(client.read_file(name, max_bytes))[0]
-        return read_image((root / name).read_bytes())[0]
+        url = entry.get("coco_url") or entry["file_name"]  # xdlabel export keeps the URL in coco_url
+        if client is not None and url.startswith(("/data/", "http://", "https://")):
+            return read_image(client.read_file(url, max_bytes))[0]
+        return read_image((root / entry["file_name"]).read_bytes())[0]
 
     return read
 
@@ -138,4 +187,5 @@ def coco_image_reader(root: Path, client: LabelStudioClient | None, max_bytes: i
 def describe(report: FinetuneReport) -> dict[str, Any]:
     return {"checkpoint": str(report.checkpoint), "improved": report.improved,
             "model_version": report.model_version, "train_scenes": report.train_scenes,
-            "heldout_scenes": report.heldout_scenes, "before": report.before, "after": report.after}
+            "heldout_scenes": report.heldout_scenes, "before": report.before, "after": report.after,
+            "mean_change": report.mean_change, "interval": report.interval, "decision": report.decision}

@@ -15,7 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
     prelabel.add_argument("--task", choices=["auto", "panoptic", "instance", "semantic"],
                           help="default: XDLABEL_LS_TASK (auto: panoptic with brushes, else instance)")
-    prelabel.add_argument("--threshold", type=float, help="minimum region score (default: XDLABEL_LS_SCORE_THRESHOLD)")
+    prelabel.add_argument("--threshold", type=float,
+                          help="minimum region score for every label of every control: wins over the config's "
+                               "model_score_threshold and XDLABEL_LS_THRESHOLDS (without it: those, then "
+                               "XDLABEL_LS_SCORE_THRESHOLD)")
     prelabel.add_argument("--batch-size", type=int, default=4)
     prelabel.add_argument("--no-captions", action="store_true")
     prelabel.add_argument("--wait", type=float, default=60.0,
@@ -34,7 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     export.add_argument("--out", required=True, help="a file (coco, json) or a folder (png)")
     export.add_argument("--predictions", action="store_true", help="export predictions instead of annotations")
     export.add_argument("--from-store", action="store_true",
-                        help="annotations xdlabel received by webhook, without asking Label Studio")
+                        help="annotations xdlabel received by webhook (with --config, or the project's config "
+                             "read from Label Studio when XDLABEL_LS_URL is set)")
+    export.add_argument("--config", metavar="XML", help="the project's labeling config file (with --from-store)")
+    export.add_argument("--all-tasks", action="store_true", help="list tasks without labels too (COCO)")
     export.add_argument("--json", action="store_true")
     export.set_defaults(func=export_command)
 
@@ -59,7 +65,14 @@ def prelabel_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from annotator.prelabel import PrelabelSettings
-    from annotator.project import PrelabelOptions, PrelabelReport, describe, prelabel_project
+    from annotator.project import (
+        PrelabelOptions,
+        PrelabelReport,
+        describe,
+        label_summary,
+        prelabel_project,
+        project_config,
+    )
     from index.db import upgrade
     from xdlabel.services import Services
 
@@ -69,11 +82,14 @@ def prelabel_command(args: argparse.Namespace) -> int:
     services = Services(settings)
     options = PrelabelOptions(
         batch_size=args.batch_size, task=args.task or settings.ls_task,
-        default_threshold=settings.ls_score_threshold if args.threshold is None else args.threshold,
-        thresholds=settings.ls_thresholds, max_image_bytes=settings.max_image_bytes,
+        default_threshold=settings.ls_score_threshold, threshold=args.threshold,
+        thresholds=settings.ls_thresholds, label_map=settings.ls_label_map, routing=settings.ls_routing,
+        max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels, deliver_wait=args.wait,
         prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions),
         force=args.force, task_ids=frozenset(args.task_id or ()))
+    # A wrong URL, token or project is told now, before anything reads the checkpoint or loads the model.
+    project_config(client, args.project, options)
     bar = tqdm(unit="task", disable=args.json)
 
     def progress(report: PrelabelReport) -> None:
@@ -81,11 +97,17 @@ def prelabel_command(args: argparse.Namespace) -> int:
         bar.n = report.predicted + len(report.failed)
         bar.refresh()
 
-    report = prelabel_project(services.predictor, client, services.sessions, args.project,
+    # The model loads only once there is work to do.
+    report = prelabel_project(lambda: services.predictor, client, services.sessions, args.project,
                               services.model_version_name, options, progress)
     bar.close()
     services.close()
-    emit(describe(report), args.json)
+    summary = describe(report)
+    if args.json:
+        emit(summary, True)
+    else:  # the per-label table instead of its rows as one line
+        emit({k: v for k, v in summary.items() if k not in ("labels", "warnings")}, False)
+        print(label_summary(report))
     for task_id, reason in report.failed.items():
         print(f"task {task_id} failed: {reason}", file=sys.stderr)
     if report.delivery.error:
@@ -149,7 +171,15 @@ def export_command(args: argparse.Namespace) -> int:
         with make_session_factory(engine)() as session:
             tasks = tasks_from_store(session, args.project)
         engine.dispose()
-        config = None
+        # the config gives the categories' order and stuff; without one, labels as they appear
+        if args.config:
+            config = parse_labeling_config(Path(args.config).read_text())
+        elif settings.ls_url and settings.ls_token:
+            config = parse_labeling_config(labelstudio_client(settings).project(args.project)["label_config"])
+        else:
+            config = None
+            print("warning: no labeling config (--config or XDLABEL_LS_URL): categories in order of appearance, "
+                  "all things", file=sys.stderr)
     else:
         client = labelstudio_client(settings)
         config = parse_labeling_config(client.project(args.project)["label_config"])
@@ -159,7 +189,7 @@ def export_command(args: argparse.Namespace) -> int:
         written = len(to_pngs(tasks, out, config, source))
     elif args.format == "coco":
         out.parent.mkdir(parents=True, exist_ok=True)
-        coco = to_coco(tasks, config, source)
+        coco = to_coco(tasks, config, source, all_tasks=args.all_tasks)
         out.write_text(json.dumps(coco))
         written = len(coco["annotations"])
     else:

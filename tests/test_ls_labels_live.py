@@ -1,0 +1,150 @@
+"""Routing, redo, threshold precedence and the per-label summary against a real Label Studio 1.23.2
+(tests/conftest.py starts it), with the bundled model on shape scenes it was trained on."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from annotator.client import LabelStudioClient
+from annotator.convert import result_label, result_to_mask
+from annotator.localserver import LocalLabelStudio
+from annotator.project import PrelabelOptions, prelabel_project
+from index.db import make_engine, make_session_factory, upgrade
+from tests.test_ls_labels import SHAPES_CONFIG, bundled  # noqa: F401 - the model fixture
+from xdecoder import Predictor
+from xdecoder.training.synthetic import make_scenes
+
+VERSION = "shapes-v1"
+
+
+@pytest.fixture(scope="module")
+def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
+    return LabelStudioClient(label_studio.url, label_studio.token)
+
+
+@pytest.fixture
+def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'xdlabel.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+def shapes_project(client: LabelStudioClient, server: LocalLabelStudio, title: str, n: int,
+                   config: str = SHAPES_CONFIG) -> tuple[int, list[int]]:
+    """A project of ``n`` seeded shape scenes served by Label Studio's local files storage."""
+    folder = server.files_root / title
+    folder.mkdir(parents=True)
+    for k, scene in enumerate(make_scenes(n, seed=11, size=(96, 64))):
+        Image.fromarray(scene.image).save(folder / f"s{k}.png")
+    project = client.sdk.projects.create(title=title, label_config=config)
+    client.sdk.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
+    tasks = [{"data": {"image": f"/data/local-files/?d={title}/s{k}.png"}} for k in range(n)]
+    return project.id, list(client.sdk.projects.import_tasks(id=project.id, request=tasks,
+                                                             return_task_ids=True).task_ids)
+
+
+def stored(client: LabelStudioClient, project_id: int) -> dict[int, list[dict[str, Any]]]:
+    return {t["id"]: [p for p in t["predictions"] if p["model_version"] == VERSION] for t in client.tasks(project_id)}
+
+
+def test_summary_counts_redo_after_deleting_in_label_studio_force_and_threshold_precedence(
+        ls_client: LabelStudioClient, label_studio: LocalLabelStudio, bundled: Predictor,  # noqa: F811
+        sessions) -> None:  # type: ignore[no-untyped-def]
+    # the rectangle control asks for 0.9 in the config: --threshold must win over it both ways
+    config = SHAPES_CONFIG.replace('<RectangleLabels name="rect" toName="image">',
+                                   '<RectangleLabels name="rect" toName="image" model_score_threshold="0.9">')
+    project_id, task_ids = shapes_project(ls_client, label_studio, "redo", 4, config)
+    # instance mode: many weak candidates, so the thresholds have something to drop
+    base = PrelabelOptions(batch_size=2, task="instance", default_threshold=0.3, thresholds={"Nope": 0.2})
+    first = prelabel_project(bundled, ls_client, sessions, project_id, VERSION, base)
+    assert first.predicted == 4 and first.delivery.delivered == 4
+    assert first.warnings == ["threshold for 'Nope': no control has that label"]  # reported, not silent
+    # the summary is what Label Studio holds, per control and label
+    held = stored(ls_client, project_id)
+    counts = Counter((r["from_name"], result_label(r)) for preds in held.values() for r in preds[0]["result"])
+    assert {(r["control"], r["label"]): r["regions"] for r in first.labels if r["regions"]} == dict(counts)
+    rect = {r["label"]: r for r in first.labels if r["control"] == "rect"}
+    assert rect["Triangle"]["threshold"] == 0.9 and rect["Triangle"]["under_threshold"] > 0
+    assert not next(r for r in first.labels if r["control"] == "poly" and r["label"] == "Circle")["found"]
+    for preds in held.values():  # the config's 0.9 held in the rectangle control, 0.3 elsewhere
+        for r in preds[0]["result"]:
+            assert r["score"] >= (0.9 if r["from_name"] == "rect" else 0.3)
+
+    # Predictions deleted in Label Studio: a plain rerun predicts those tasks again, and only those.
+    gone = task_ids[1]
+    ls_client.sdk.predictions.delete(id=held[gone][0]["id"])
+    again = prelabel_project(bundled, ls_client, sessions, project_id, VERSION, base)
+    assert (again.predicted, again.skipped) == (1, 3)
+    assert all(len(v) == 1 for v in stored(ls_client, project_id).values())
+
+    # --force with --threshold 0: every candidate region is made, the config's 0.9 notwithstanding;
+    # each task still holds one prediction of the version, the new one.
+    low = prelabel_project(bundled, ls_client, sessions, project_id, VERSION,
+                           PrelabelOptions(batch_size=2, task="instance", default_threshold=0.3, threshold=0.0,
+                                           force=True))
+    assert low.predicted == 4 and low.skipped == 0
+    assert all(r["under_threshold"] == 0 for r in low.labels)
+    redone = stored(ls_client, project_id)
+    assert all(len(v) == 1 for v in redone.values())
+    scores = [r["score"] for v in redone.values() for r in v[0]["result"] if r["from_name"] == "rect"]
+    assert scores and min(scores) < 0.9
+    total = sum(len(v[0]["result"]) for v in redone.values())
+    assert total == sum(r["regions"] for r in low.labels) > sum(counts.values())
+    # --force --task-id with --threshold 1.01: that task alone is redone, with no region at all
+    high = prelabel_project(bundled, ls_client, sessions, project_id, VERSION, PrelabelOptions(
+        task="instance", threshold=1.01, force=True, task_ids=frozenset({task_ids[0]})))
+    assert (high.tasks, high.predicted) == (1, 1) and all(r["regions"] == 0 for r in high.labels)
+    final = stored(ls_client, project_id)
+    assert final[task_ids[0]][0]["result"] == [] and all(len(v) == 1 for v in final.values())
+    assert final[task_ids[2]][0]["result"] == redone[task_ids[2]][0]["result"]
+    # no object twice in one control, in any prediction made here
+    for preds in redone.values():
+        by_control: dict[str, list[np.ndarray]] = {}
+        for r in preds[0]["result"]:
+            mask = result_to_mask(r)
+            assert mask is not None
+            for other in by_control.get(r["from_name"], []):
+                assert (mask & other).sum() < 0.8 * (mask | other).sum()
+            by_control.setdefault(r["from_name"], []).append(mask)
+
+
+def test_cli_reports_a_wrong_token_or_project_before_loading_the_model_and_prints_the_summary(
+        ls_client: LabelStudioClient, label_studio: LocalLabelStudio, tmp_path: Path) -> None:
+    """As processes. The checkpoint named does not exist, so the connection errors can only come
+    first if nothing touched the model before; then a real run prints the per-label table."""
+    project_id, _ = shapes_project(ls_client, label_studio, "cli-summary", 2)
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_LS_URL": label_studio.url,
+           "XDLABEL_LS_TOKEN": "wrong-token", "XDLABEL_CHECKPOINT": str(tmp_path / "missing.safetensors"),
+           "XDLABEL_CAPTION_STEPS": "2"}
+
+    def prelabel(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "xdlabel.cli", "prelabel", *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    start = time.monotonic()
+    done = prelabel("--project", str(project_id))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "refused the token" in done.stderr and "XDLABEL_LS_TOKEN" in done.stderr and "{" not in done.stderr
+    env["XDLABEL_LS_TOKEN"] = label_studio.token
+    done = prelabel("--project", "987654")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        f"error: Label Studio at {label_studio.url} has no project 987654 (404)")
+    assert time.monotonic() - start < 60
+    del env["XDLABEL_CHECKPOINT"]  # the bundled model
+    done = prelabel("--project", str(project_id), "--threshold", "0.3", "--no-captions")
+    assert done.returncode == 0, done.stderr
+    table = done.stdout[done.stdout.index("control:label"):].splitlines()
+    assert table[1].split()[0] == "mask:Ball" and any(line.startswith("never found: ") for line in table)
+    assert "poly:Circle" in next(line for line in table if line.startswith("never found: "))
