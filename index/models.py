@@ -151,6 +151,9 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     checkpoint_sha256: Mapped[str] = mapped_column(String(64))
     embedding_dim: Mapped[int] = mapped_column(Integer)
+    # Short side, size guard and dtype the vectors were made with; None for versions registered before
+    # they were recorded (their names carry no preprocessing key, so no new process reuses them).
+    preprocessing: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -80,11 +80,12 @@ def insert_image_if_new(session: Session, *, dataset_id: int, uri: str, sha256: 
 
 
 def get_or_create_model_version(session: Session, *, name: str, checkpoint_sha256: str,
-                                embedding_dim: int) -> ModelVersion:
+                                embedding_dim: int, preprocessing: dict[str, Any] | None = None) -> ModelVersion:
     version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
     if version is None:  # two processes loading a new model at once both end with one row
         session.execute(_insert(session, ModelVersion)
-                        .values(name=name, checkpoint_sha256=checkpoint_sha256, embedding_dim=embedding_dim)
+                        .values(name=name, checkpoint_sha256=checkpoint_sha256, embedding_dim=embedding_dim,
+                                preprocessing=preprocessing)
                         .on_conflict_do_nothing(index_elements=[ModelVersion.name]))
         version = session.scalar(select(ModelVersion).where(ModelVersion.name == name))
         assert version is not None

@@ -143,9 +143,30 @@ def test_class_embedding_cache_is_bounded(parity_model: XDecoder, other: Image.I
     for _ in range(12):
         chosen = [names[i] for i in rng.choice(10, size=2, replace=False)]
         predictor.class_embeddings(chosen)
-        cache = list(predictor._class_embeddings)
+        cache = [name for _, name in predictor._class_embeddings]
         assert len(cache) <= 5 and set(chosen + ["background"]) <= set(cache[-3:])
     assert torch.allclose(predictor.class_embeddings([names[0]])[0], first)
+
+
+def test_class_embeddings_are_cached_per_model_version(parity_model: XDecoder) -> None:
+    """Weights loaded into the same model under a new version: the cached names are embedded again with the new
+    weights (the text encoder's projection scaled by 1.5 and rotated: the cached vector would be stale)."""
+    predictor = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128))
+    predictor.version = "v1"
+    before = predictor.class_embeddings(["dog"])
+    projection = parity_model.language.lang_proj
+    saved = projection.detach().clone()
+    try:
+        with torch.no_grad():
+            projection.copy_(1.5 * projection.roll(1, dims=-1))
+        assert torch.equal(predictor.class_embeddings(["dog"]), before)  # same version: the cache answers
+        predictor.version = "v2"
+        after = predictor.class_embeddings(["dog"])
+        assert not torch.allclose(after, before, atol=1e-3)
+        assert {v for v, _ in predictor._class_embeddings} == {"v1", "v2"}
+    finally:
+        with torch.no_grad():
+            projection.copy_(saved)
 
 
 def test_empty_inputs_are_rejected(predictor: Predictor, other: Image.Image) -> None:

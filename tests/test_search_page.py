@@ -3,6 +3,7 @@ real running server: type a query, see thumbnails with scores, open one with its
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from tests.conftest import Server, make_images
 from xdlabel.api.auth import create_api_key
 from xdlabel.ingest import ingest_files
+from xdlabel.overlay import LEGEND_WIDTH, MIN_SHORT_SIDE
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -63,7 +65,15 @@ def test_search_page_shows_hits_and_masks(page_server: tuple[str, str], tmp_path
         width = page.evaluate("document.getElementById('canvas').width")
         assert width == 160  # the original image, drawn at full size
         assert page.locator("#detail-title").inner_text().startswith("image ")
+        # The server's overlay PNG: the image scaled up to a 384 px short side, plus the legend.
+        page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=30_000)
+        size = page.evaluate("[document.getElementById('overlay').naturalWidth, "
+                             "document.getElementById('overlay').naturalHeight]")
+        scale = -(-MIN_SHORT_SIDE // 120)  # the test images are 160 x 120
+        assert size[0] == 160 * scale + LEGEND_WIDTH and size[1] >= 120 * scale, size
         page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+        if os.environ.get("XDLABEL_SCREENSHOTS"):  # to look at it: the folder to copy the screenshot to
+            shutil.copy(tmp_path / "search.png", Path(os.environ["XDLABEL_SCREENSHOTS"]) / "search-page.png")
         assert not errors, errors
         browser.close()
 
@@ -118,3 +128,30 @@ def test_stored_html_is_shown_as_text_never_run(tmp_path: Path) -> None:
             browser.close()
     finally:
         services.engine.dispose()
+
+
+def test_overlay_png_lists_the_stored_regions(page_server: tuple[str, str]) -> None:
+    """GET /v1/images/{id}/overlay: a PNG with one legend row per stored region; 401 without a key, 404 for
+    an id that is not there."""
+    import io
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from xdlabel.overlay import PALETTE
+
+    base, key = page_server
+    with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=60) as client:
+        regions = client.get("/v1/images/1/regions").json()
+        answer = client.get("/v1/images/1/overlay")
+        assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+        picture = np.asarray(Image.open(io.BytesIO(answer.content)).convert("RGB"))
+        record = client.get("/v1/images/1").json()
+        width = record["width"] * -(-MIN_SHORT_SIDE // min(record["width"], record["height"]))
+        assert picture.shape[1] == width + LEGEND_WIDTH
+        rows = [tuple(picture[34 + 22 * i + 8, width + 18]) for i in range(len(regions) + 1)]
+        assert rows[:len(regions)] == [PALETTE[i % len(PALETTE)] for i in range(len(regions))]
+        assert rows[len(regions)] == (255, 255, 255)  # no more rows than regions
+        assert client.get("/v1/images/999999/overlay").status_code == 404
+        assert httpx.get(base + "/v1/images/1/overlay").status_code == 401

@@ -93,6 +93,21 @@ class PredictorSettings:
     class_cache_size: int = 10_000  # class-name embeddings kept (least recently used dropped first)
 
 
+def compute_dtype(device: str | torch.device | None) -> torch.dtype:
+    """What the predictor computes in on ``device``: float32 on the CPU, bf16 (or fp16 where bf16 is
+    missing) autocast on CUDA. Known without building a model, so a version key can name it."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def preprocessing(settings: PredictorSettings, dtype: torch.dtype) -> dict[str, object]:
+    """Everything besides config and weights that decides a vector: part of a model version's key."""
+    return {"short_side": settings.short_side, "max_size": settings.max_size, "max_pixels": settings.max_pixels,
+            "dtype": str(dtype).removeprefix("torch.")}
+
+
 def _box(row: Tensor) -> tuple[float, float, float, float]:
     x0, y0, x1, y1 = (float(v) for v in row)
     return (x0, y0, x1, y1)
@@ -112,18 +127,28 @@ class Predictor:
         self.tokenizer = ClipTokenizer(model.config.text.context_length)
         # fp16/bf16 autocast on CUDA only; CPU stays float32 for exactness.
         self.autocast = (self.device.type == "cuda") if autocast is None else autocast
-        # Per class name of this model, across calls; bounded, least recently used dropped first.
-        self._class_embeddings: OrderedDict[str, Tensor] = OrderedDict()
+        # The model version the weights belong to (set by whoever loads them): class-name embeddings
+        # are cached per (version, name), so weights loaded into this model later never meet stale ones.
+        self.version = ""
+        # Bounded, least recently used dropped first.
+        self._class_embeddings: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
 
     # -- running the network -----------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if not self.autocast:
+            return torch.float32
+        return torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+
+    def preprocessing(self) -> dict[str, object]:
+        return preprocessing(self.settings, self.dtype)
 
     def _context(self) -> contextlib.AbstractContextManager[object]:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.inference_mode())
         if self.autocast:
-            dtype = torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported() \
-                else torch.float16
-            stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.dtype))
         return stack
 
     def encode(self, images: ImageInput | Sequence[ImageInput], *, pad_together: bool = False
@@ -175,13 +200,14 @@ class Predictor:
         cache = self._class_embeddings
         found: dict[str, Tensor] = {}
         for name in dict.fromkeys(names):
-            if name in cache:
-                cache.move_to_end(name)
-                found[name] = cache[name]
+            key = (self.version, name)
+            if key in cache:
+                cache.move_to_end(key)
+                found[name] = cache[key]
                 continue
             e = self._sentence_embeddings(class_prompts(name))
             e = (e / (e.norm(dim=-1, keepdim=True) + 1e-7)).mean(0)
-            found[name] = cache[name] = e / e.norm()
+            found[name] = cache[key] = e / e.norm()
         while len(cache) > max(self.settings.class_cache_size, 0):
             cache.popitem(last=False)
         return torch.stack([found[n] for n in names])

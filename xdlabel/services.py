@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -18,6 +22,7 @@ from xdlabel.settings import Settings
 if TYPE_CHECKING:
     from xdecoder import Predictor
 
+    from xdecoder.predictor import PredictorSettings
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -27,8 +32,17 @@ class ModelInfo:
     region_dim: int
 
 
-def version_name(config: str, checkpoint_sha256: str) -> str:
-    return f"{config}-{checkpoint_sha256[:12]}"
+def version_name(config: str, checkpoint_sha256: str, preprocessing: Mapping[str, object] | None = None) -> str:
+    """``config-<weights sha256>-<sha256 of the whole config and the preprocessing>``, shortened: whatever
+    decides a vector (weights, architecture, short side, size guard, dtype) decides its version. Without
+    ``preprocessing``: the name of a checkpoint alone, as versions were named before (no vectors made)."""
+    if preprocessing is None:
+        return f"{config}-{checkpoint_sha256[:12]}"
+    from xdecoder.config import get_config
+
+    key = json.dumps({"config": dataclasses.asdict(get_config(config)), "preprocessing": dict(preprocessing)},
+                     sort_keys=True, default=str)
+    return f"{config}-{checkpoint_sha256[:12]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 class Services:
@@ -50,13 +64,11 @@ class Services:
             if "predictor" in self.__dict__:
                 return self.__dict__["predictor"]  # type: ignore[no-any-return]
             from xdecoder import Predictor, build_model, load_checkpoint
-            from xdecoder.predictor import PredictorSettings
 
             model = build_model(self.settings.model)
             self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
-            options = PredictorSettings(short_side=self.settings.image_short_side,
-                                        caption_steps=self.settings.image_caption_steps)
-            predictor = Predictor(model, device=self.settings.device, settings=options)
+            predictor = Predictor(model, device=self.settings.device, settings=self._predictor_settings())
+            predictor.version = version_name(self.settings.model, self.checkpoint.sha256, predictor.preprocessing())
             self.__dict__["predictor"] = predictor  # published before the lock is released
             return predictor
 
@@ -69,6 +81,13 @@ class Services:
 
         return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)))
 
+        from xdecoder.predictor import compute_dtype, preprocessing
+
+        return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)),
+                            preprocessing(self._predictor_settings(), compute_dtype(self.settings.device)))
+
+    def _predictor_settings(self) -> PredictorSettings:
+        from xdecoder.predictor import PredictorSettings
     @cached_property
     def model(self) -> ModelInfo:
         """The model version row of the loaded checkpoint (registered on first use)."""
@@ -77,10 +96,10 @@ class Services:
             if "model" in self.__dict__:
                 return self.__dict__["model"]  # type: ignore[no-any-return]
             dim = predictor.model.config.dim_proj
-            name = version_name(self.settings.model, self.checkpoint.sha256)
+            name = predictor.version
             with self.sessions() as session:
                 version = get_or_create_model_version(session, name=name, checkpoint_sha256=self.checkpoint.sha256,
-                                                      embedding_dim=dim)
+                                                      embedding_dim=dim, preprocessing=predictor.preprocessing())
                 session.commit()
                 info = ModelInfo(version.id, name, 2 * dim, dim)
             self.__dict__["model"] = info

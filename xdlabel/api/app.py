@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xdlabel.api import mlbackend
+from xdlabel.api import mlbackend, overlay_route
 from xdlabel.api.auth import header, key_row
 from xdlabel.api.limits import MULTIPART_OVERHEAD, BodyLimit
 from xdlabel.api.routes import ERRORS, router
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["X-API-Key", "Content-Type"])
     app.state.ls_connections = mlbackend.Connections()  # Label Studio servers met through /ml/setup
     app.include_router(router)
+    app.include_router(overlay_route.router)
     app.include_router(mlbackend.router)
 
     @app.exception_handler(StarletteHTTPException)
