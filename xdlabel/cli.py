@@ -100,6 +100,8 @@ def _search(args: argparse.Namespace) -> int:
     from xdlabel.services import Services
 
     services = Services(migrated(args))
+    if args.group == "video":
+        return _search_moments(args, services)
     filters = Filters(tags=tuple(args.tag))
     result = search_text(services, args.query, k=args.k, negative=args.negative, filters=filters,
                          regions=args.regions)
@@ -109,6 +111,21 @@ def _search(args: argparse.Namespace) -> int:
     else:
         for hit in result.hits:
             print(f"{hit['score']:.4f}  image {hit['image_id']}  {hit['uri']}  {hit['caption'] or ''}")
+    return 0
+
+
+def _search_moments(args: argparse.Namespace, services: Any) -> int:
+    from xdlabel.moments import VideoFilters, search_moments
+
+    filters = VideoFilters(min_duration=args.min_duration, max_duration=args.max_duration)
+    moments = search_moments(services, args.query, k=args.k, negative=args.negative, filters=filters)
+    services.close()
+    if args.json:
+        print(json.dumps(moments, indent=2, default=str))
+    else:
+        for m in moments:
+            print(f"{m['score']:.4f}  video {m['video_id']}  {m['uri']}  {m['start']:.2f}-{m['end']:.2f} s  "
+                  f"(best frame: image {m['best_image_id']} at {m['best_time']:.2f} s)")
     return 0
 
 
@@ -271,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--negative", help="what the hits should not show")
     search.add_argument("--tag", action="append", default=[], help="only images with this tag (repeatable)")
     search.add_argument("--regions", action="store_true", help="search regions instead of whole images")
+    search.add_argument("--group", choices=["image", "video"], default="image",
+                        help="video: moments (time ranges of one video) instead of images")
+    search.add_argument("--min-duration", type=float, help="--group video: only videos at least this long (s)")
+    search.add_argument("--max-duration", type=float, help="--group video: only videos at most this long (s)")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=_search)
 

@@ -132,4 +132,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     def search_page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+    from xdlabel.api import video_routes
+
+    app.include_router(video_routes.router)
     return app
