@@ -39,6 +39,8 @@ def ladder(nlist: int) -> list[int]:
 def nprobe_for(curve: list[tuple[int, float]], recall: float, nlist: int) -> int:
     """The fewest lists whose calibrated recall@10 reaches ``recall`` (with the margin above); all
     of them without a curve or past its end."""
+    if recall >= 1:  # exact: every list, whatever the sampled curve says
+        return nlist
     wanted = 1 - (1 - recall) * MISS_SHARE
     for nprobe, measured in curve:
         if measured >= wanted:

@@ -94,6 +94,13 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def _search(args: argparse.Namespace) -> int:
     from index.filters import Filters
     from xdlabel.search import search_text
@@ -104,7 +111,7 @@ def _search(args: argparse.Namespace) -> int:
         return _search_moments(args, services)
     filters = Filters(tags=tuple(args.tag))
     result = search_text(services, args.query, k=args.k, negative=args.negative, filters=filters,
-                         regions=args.regions)
+                         regions=args.regions, recall=args.recall, nprobe=args.nprobe)
     services.close()
     if args.json:
         print(json.dumps(result.hits, indent=2, default=str))
@@ -292,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="video: moments (time ranges of one video) instead of images")
     search.add_argument("--min-duration", type=float, help="--group video: only videos at least this long (s)")
     search.add_argument("--max-duration", type=float, help="--group video: only videos at most this long (s)")
+    search.add_argument("--recall", type=_fraction,
+                        help="recall@10 target in (0, 1] (default XDLABEL_SEARCH_RECALL, 0.95)")
+    search.add_argument("--nprobe", type=int, help="expert override of --recall: IVF lists to probe")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=_search)
 

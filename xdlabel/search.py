@@ -16,6 +16,7 @@ from index.filters import Filters
 from index.models import Embedding, Image
 from index.store import Hit, from_bytes
 from xdlabel.services import Services
+from xdlabel.textqueries import TextQueries
 
 NEGATIVE_WEIGHT = 0.5  # score = sim(query) - 0.5 * sim(negative): linear, so exact in the index
 
@@ -67,26 +68,38 @@ def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: 
     return SearchResult(out, offset + k if len(hits) == k else None)
 
 
-def _text_vector(services: Services, text: str, negative: str | None, kind: str) -> np.ndarray:
-    predictor = services.predictor
-    embed = predictor.text_query_embeddings if kind == "image" else predictor.text_embeddings
+def text_queries(services: Services, kind: str) -> TextQueries:
+    """The process's cached, batching text encoder for ``kind`` (image: retrieval queries of the
+    image space; region: plain sentence embeddings), made on first use."""
+    encoders = services.text_queries
     with services.model_lock:
-        vectors = embed([text] + ([negative] if negative else []))
+        if kind not in encoders:
+            predictor = services.predictor
+            embed = predictor.text_query_embeddings if kind == "image" else predictor.text_embeddings
+            encoders[kind] = TextQueries(embed, services.model_lock)
+        return encoders[kind]
+
+
+def _text_vector(services: Services, text: str, negative: str | None, kind: str) -> np.ndarray:
+    vectors = text_queries(services, kind).vectors([text] + ([negative] if negative else []))
     return vectors[0] - NEGATIVE_WEIGHT * vectors[1] if negative else vectors[0]
 
 
 def search_text(services: Services, text: str, *, k: int = 20, offset: int = 0, min_score: float | None = None,
-                negative: str | None = None, filters: Filters | None = None, regions: bool = False) -> SearchResult:
+                negative: str | None = None, filters: Filters | None = None, regions: bool = False,
+                recall: float | None = None, nprobe: int | None = None) -> SearchResult:
+    """``recall``: recall@10 target (default XDLABEL_SEARCH_RECALL); ``nprobe`` overrides it."""
     kind = "region" if regions else "image"
     query = _text_vector(services, text, negative, kind)
     hits = services.store.search(services.model.version_id, kind, query[None], k, filters=filters,
-                                 offset=offset, min_score=min_score)[0]
+                                 offset=offset, min_score=min_score, recall=recall, nprobe=nprobe)[0]
     return _present(services, hits, k, offset, regions)
 
 
 def search_image(services: Services, *, image: PILImage.Image | None = None, image_id: int | None = None,
                  k: int = 20, offset: int = 0, min_score: float | None = None,
-                 filters: Filters | None = None) -> SearchResult:
+                 filters: Filters | None = None, recall: float | None = None,
+                 nprobe: int | None = None) -> SearchResult:
     model = services.model
     if image is not None:
         predictor = services.predictor
@@ -101,5 +114,5 @@ def search_image(services: Services, *, image: PILImage.Image | None = None, ima
             raise NotFound(f"image {image_id} has no embedding for model {model.name}")
         query = from_bytes(data)
     hits = services.store.search(model.version_id, "image", query[None], k, filters=filters, offset=offset,
-                                 min_score=min_score)[0]
+                                 min_score=min_score, recall=recall, nprobe=nprobe)[0]
     return _present(services, hits, k, offset, regions=False)

@@ -18,6 +18,7 @@ from index.repository import get_or_create_model_version
 from index.store import RetrievalStore
 from index.vectors import IndexParams
 from xdlabel.settings import Settings
+from xdlabel.textqueries import TextQueries
 
 if TYPE_CHECKING:
     from xdecoder import Predictor
@@ -50,7 +51,9 @@ class Services:
         self.settings = settings
         self.engine = make_engine(settings.sqlalchemy_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
-        self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(use_gpu=settings.use_gpu_index))
+        self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(
+            use_gpu=settings.use_gpu_index, recall=settings.search_recall))
+        self.text_queries: dict[str, TextQueries] = {}  # per kind, made by xdlabel.search on first use
         self._lock = threading.Lock()
         # One model call at a time in this process (search and the ML backend): the model's memory is
         # sized for one batch, and callers wait in their worker threads, never on the event loop.

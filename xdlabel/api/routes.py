@@ -71,7 +71,8 @@ def _stored(services: Services, key: int, what: str) -> int:
 def text_to_image(body: TextSearchIn, services: ServicesDep) -> SearchOut:
     """Images whose content matches the text (official X-Decoder retrieval score)."""
     result = search_text(services, body.query, k=body.k, offset=body.offset, min_score=body.min_score,
-                         negative=body.negative, filters=body.filters.to_filters())
+                         negative=body.negative, filters=body.filters.to_filters(), recall=body.recall,
+                         nprobe=body.nprobe)
     return SearchOut.model_validate(result, from_attributes=True)
 
 
@@ -79,7 +80,8 @@ def text_to_image(body: TextSearchIn, services: ServicesDep) -> SearchOut:
 def text_to_region(body: TextSearchIn, services: ServicesDep) -> SearchOut:
     """Regions matching the text, with their image, box, mask (COCO RLE) and score."""
     result = search_text(services, body.query, k=body.k, offset=body.offset, min_score=body.min_score,
-                         negative=body.negative, filters=body.filters.to_filters(), regions=True)
+                         negative=body.negative, filters=body.filters.to_filters(), regions=True,
+                         recall=body.recall, nprobe=body.nprobe)
     return SearchOut.model_validate(result, from_attributes=True)
 
 
@@ -99,8 +101,9 @@ def image_to_image(services: ServicesDep, file: Annotated[UploadFile | None, Fil
                    image_id: Annotated[int | None, Form(ge=0, le=INT64_MAX)] = None,
                    k: Annotated[int, Form(ge=1, le=1000)] = 20, offset: Annotated[int, Form(ge=0, le=100_000)] = 0,
                    min_score: Annotated[float | None, Form(allow_inf_nan=False)] = None,
-                   filters: Annotated[Text | None, Form(description="FilterIn as a JSON object")] = None
-                   ) -> SearchOut:
+                   filters: Annotated[Text | None, Form(description="FilterIn as a JSON object")] = None,
+                   recall: Annotated[float | None, Form(gt=0, le=1)] = None,
+                   nprobe: Annotated[int | None, Form(ge=1, le=1 << 20)] = None) -> SearchOut:
     """Images similar to an uploaded image or to a stored one (``image_id``). A plain ``def``: the
     decode and the model run in a worker thread, one model call at a time, never on the event loop."""
     if (file is None) == (image_id is None):
@@ -117,7 +120,7 @@ def image_to_image(services: ServicesDep, file: Annotated[UploadFile | None, Fil
         image = decode(open_image(data, settings.max_image_pixels, "the uploaded file"), "the uploaded file")
     try:
         result = search_image(services, image=image, image_id=image_id, k=k, offset=offset, min_score=min_score,
-                              filters=parsed.to_filters())
+                              filters=parsed.to_filters(), recall=recall, nprobe=nprobe)
     except NotFound as err:
         raise HTTPException(404, str(err)) from None
     return SearchOut.model_validate(result, from_attributes=True)

@@ -75,6 +75,10 @@ class TextSearchIn(BaseModel):
     offset: int = Field(default=0, ge=0, le=100_000)
     min_score: float | None = Field(default=None, allow_inf_nan=False)
     filters: FilterIn = FilterIn()
+    recall: float | None = Field(default=None, gt=0, le=1, description="recall@10 target (default "
+                                 "XDLABEL_SEARCH_RECALL, 0.95); the index probes what its calibration says it needs")
+    nprobe: int | None = Field(default=None, ge=1, le=1 << 20, description="expert override of recall: IVF lists "
+                               "to probe")
 
 
 class Hit(BaseModel):
