@@ -102,10 +102,17 @@ def test_row_bands_equal_the_full_resize() -> None:
     """Large images are post-processed a band of rows at a time (postprocess.MaskUpsampler). 12 seeded random
     cases (random low-res logits, sizes, scale factors and a budget small enough for 2-40 bands): banded
     logits equal the full bicubic resize within 1e-5; semantic and panoptic maps and segments equal the
-    full-image ones except at pixels whose two best candidates are within 1e-5 (float order)."""
+    full-image ones except at pixels whose two best candidates are within 1e-5 (float order); binary masks made
+    and packed band by band (one full-size float mask past the budget) equal the full ones but at |logit| <= 1e-4."""
     import torch
 
-    from xdecoder.postprocess import MaskUpsampler, panoptic_segments, semantic_labels, semantic_scores
+    from xdecoder.postprocess import (
+        MaskUpsampler,
+        binary_masks,
+        panoptic_segments,
+        semantic_labels,
+        semantic_scores,
+    )
 
     rng = np.random.default_rng(5)
     for trial in range(12):
@@ -143,6 +150,14 @@ def test_row_bands_equal_the_full_resize() -> None:
             assert not ((got != expected) & ~near).any(), trial
         assert [(i.id, i.category_id, i.query) for i in infos] == \
             [(i.id, i.category_id, i.query) for i in expected_infos], trial
+        # masks past one full-size float mask: made and packed a band of rows at a time
+        rows_only = MaskUpsampler(low, padded, resized, original, budget=4 * original[1] * (original[0] // 3))
+        for (mask, score), (want, want_score), logit in zip(binary_masks(rows_only, every), binary_masks(full, every),
+                                                          reference, strict=True):
+            differ = mask.dense() != want.dense()
+            assert not (differ & (logit.abs() > 1e-4).numpy()).any(), trial
+            assert abs(float(score) - float(want_score)) <= 1e-4, trial
+            assert differ.any() or (mask.box, mask.area) == (want.box, want.area)
 
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")

@@ -359,6 +359,8 @@ def test_packed_masks_round_trip_and_their_boxes_equal_numpys_extent() -> None:
         assert p.box == ((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if ys.size else (0, 0, 0, 0))
         assert p.area == int(mask.sum()) and p.nbytes <= (h * (w + 7)) // 8
         assert masks_to_boxes(torch.from_numpy(mask)[None])[0].tolist() == list(p.box)
+        rows = PackedMask.from_rows(np.packbits(mask, axis=1), (h, w))  # built without the dense mask
+        assert np.array_equal(rows.dense(), mask) and (rows.box, rows.area) == (p.box, p.area)
     dense = rng.random((20, 7, 9)) > rng.choice([0.0, 0.5, 0.97, 1.0], (20, 1, 1))
     stack = MaskStack([PackedMask.from_dense(m) for m in dense], (7, 9))
     assert np.array_equal(np.asarray(stack), dense) and stack.shape == dense.shape

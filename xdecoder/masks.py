@@ -20,8 +20,9 @@ from torch import Tensor
 class PackedMask:
     shape: tuple[int, int]  # (H, W) of the full mask
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive) of the True pixels; zeros when empty
-    bits: np.ndarray  # np.packbits of the crop, row by row (axis=1)
+    bits: np.ndarray  # np.packbits of rows y0:y1 from column ``x_offset`` on (axis=1)
     area: int
+    x_offset: int = -1  # the column of the first bit; -1: x0 (the crop exactly)
 
     @classmethod
     def from_dense(cls, mask: Tensor | np.ndarray) -> PackedMask:
@@ -34,10 +35,24 @@ class PackedMask:
         crop = m[y0:y1, x0:x1]
         return cls((h, w), (x0, y0, x1, y1), np.packbits(crop.numpy(), axis=1), int(crop.sum()))
 
+    @classmethod
+    def from_rows(cls, bits: np.ndarray, shape: tuple[int, int]) -> PackedMask:
+        """From np.packbits(mask, axis=1) of the full [H, W] mask, built without the dense mask."""
+        rows = bits.any(1).nonzero()[0]
+        if rows.size == 0:
+            return cls(shape, (0, 0, 0, 0), np.zeros((0, 0), dtype=np.uint8), 0)
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        kept = bits[y0:y1]
+        cols = np.unpackbits(np.bitwise_or.reduce(kept, axis=0), count=shape[1]).nonzero()[0]
+        x0, x1 = int(cols[0]), int(cols[-1]) + 1
+        kept = np.ascontiguousarray(kept[:, x0 // 8: -(-x1 // 8)])
+        return cls(shape, (x0, y0, x1, y1), kept, int(np.bitwise_count(kept).sum()), x0 // 8 * 8)
+
     def crop(self) -> np.ndarray:
         """The [y1-y0, x1-x0] bool crop inside ``box``."""
         x0, y0, x1, y1 = self.box
-        return np.unpackbits(self.bits, axis=1, count=x1 - x0).astype(bool)
+        start = x0 if self.x_offset < 0 else self.x_offset
+        return np.unpackbits(self.bits, axis=1, count=x1 - start)[:, x0 - start:].astype(bool)
 
     def dense(self) -> np.ndarray:
         out = np.zeros(self.shape, dtype=bool)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -222,18 +223,42 @@ def instances(logits: Tensor, upsample: MaskUpsampler, stuff_ids: Collection[int
     unique, inverse = queries.unique(return_inverse=True)
     packed: list[PackedMask] = []
     unique_scores = torch.zeros(unique.numel())
-    for start, chunk in upsample.chunks(unique):
-        binary = chunk > 0
-        # in place: a 48 MP float mask is 192 MB, so no float temporaries
-        unique_scores[start:start + chunk.shape[0]] = chunk.sigmoid_().mul_(binary).flatten(1).sum(1) \
-            / (binary.flatten(1).sum(1) + 1e-6)
-        packed += [PackedMask.from_dense(b) for b in binary]
-        del binary, chunk
+    for i, (mask, score) in enumerate(binary_masks(upsample, unique)):
+        packed.append(mask)
+        unique_scores[i] = score
     final = top_scores * unique_scores[inverse]
     order = final.argsort(descending=True, stable=True)
     masks = MaskStack([packed[int(inverse[i])] for i in order], upsample.original)
     return {"masks": masks, "scores": final[order], "classes": classes[order],
             "queries": queries[order], "class_scores": top_scores[order]}
+
+
+def binary_masks(upsample: MaskUpsampler, queries: Tensor) -> Iterator[tuple[PackedMask, Tensor]]:
+    """Per query, in order: its binary mask (logit > 0) packed, and the mean mask probability inside it.
+
+    When one full-size float mask is past the budget (~17 MP), each mask is made a band of rows at a
+    time and packed row by row, so the full-size float mask never exists."""
+    h, w = upsample.original
+    if 4 * h * w <= upsample.budget:
+        for _, chunk in upsample.chunks(queries):
+            binary = chunk > 0
+            # in place: no full-size float temporaries
+            scores = chunk.sigmoid_().mul_(binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+            for j in range(chunk.shape[0]):
+                yield PackedMask.from_dense(binary[j]), scores[j]
+            del binary, chunk
+        return
+    bands = upsample.bands(2)
+    for q in queries:
+        rows, total, area = [], torch.zeros((), dtype=torch.float64), 0
+        for band in bands:
+            logits = next(upsample.chunks(q[None], band))[1][0]
+            binary = logits > 0
+            total += logits.sigmoid_().mul_(binary).sum(dtype=torch.float64)
+            area += int(binary.sum())
+            rows.append(np.packbits(binary.numpy(), axis=1))
+            del logits, binary
+        yield PackedMask.from_rows(np.concatenate(rows), (h, w)), (total / (area + 1e-6)).float()
 
 
 def masks_to_boxes(masks: Tensor) -> Tensor:

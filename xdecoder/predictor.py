@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xdecoder.masks import MaskStack, PackedMask
+from xdecoder.masks import MaskStack
 from xdecoder.modeling.decoder import Memory
 from xdecoder.modeling.xdecoder import SIZE_DIVISIBILITY, XDecoder
 from xdecoder.postprocess import (
     MaskUpsampler,
+    binary_masks,
     instances,
     masks_to_boxes,
     nearest_resize,
@@ -465,13 +466,10 @@ class Predictor:
                 emb = image.embeddings[idx]
                 emb = (emb / (emb.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
                 regions = []
-                for start, logits in image.upsampler().chunks(idx):
-                    for j in range(logits.shape[0]):
-                        k, packed = start + j, PackedMask.from_dense((logits[j] > 0).cpu())
-                        if packed.area:
-                            regions.append(Region(packed, _box(torch.tensor(packed.box)), emb[k],
-                                                  float(score[chosen[k]]), chosen[k]))
-                    del logits  # before the next chunk is made: one chunk of full-size floats at a time
+                for k, (packed, _) in enumerate(binary_masks(image.upsampler(), idx)):
+                    if packed.area:
+                        regions.append(Region(packed, _box(torch.tensor(packed.box)), emb[k],
+                                              float(score[chosen[k]]), chosen[k]))
                 results.append(regions)
         return results
 
