@@ -112,9 +112,10 @@ def project_config(client: LabelStudioClient, project_id: int, options: Prelabel
 def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: LabelStudioClient,
                      sessions: sessionmaker[Session], project_id: int, model_version: str,
                      options: PrelabelOptions = PrelabelOptions(),
-                     progress: Callable[[PrelabelReport], None] | None = None) -> PrelabelReport:
+                     progress: Callable[[PrelabelReport], None] | None = None,
+                     preview: Callable[[int, np.ndarray, dict[str, Any]], None] | None = None) -> PrelabelReport:
     """``predictor`` may be a function giving it, called only once there is work to do (after the
-    project, its config and its tasks were read)."""
+    project, its config and its tasks were read). ``preview`` sees each task's id, image and prediction."""
     config = project_config(client, project_id, options)
     outbox = Outbox(sessions, client)
     report = PrelabelReport(warnings=list(config.warnings))
@@ -157,6 +158,9 @@ def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: Lab
         if readable:
             assert isinstance(model, Predictor)
             out = predictions(model, model.encode(images), config, model_version, options.prelabel, tally=tally)
+            for task, image, prediction in zip(readable, images, out, strict=True):
+                if preview:
+                    preview(task["id"], image, prediction)
             with sessions() as session:
                 enqueue(session, client.url, [Outgoing(project_id, t["id"], p, replace=t["id"] in replace)
                                               for t, p in zip(readable, out, strict=True)])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -68,6 +69,19 @@ def overlay(image: Image.Image, segments: Sequence[LabeledMask], title: str = ""
         draw.rectangle((w + 10, y, w + 26, y + 16), fill=PALETTE[i % len(PALETTE)], outline=(0, 0, 0))
         draw.text((w + 32, y), f"{i + 1} {seg.label}  {seg.score:.2f}", fill=(0, 0, 0), font=small)
     return canvas
+
+
+def prediction_overlay(image: Image.Image, results: Sequence[dict[str, Any]], title: str = "") -> Image.Image:
+    """A Label Studio prediction's mask, polygon and box results drawn on its image (``prelabel --preview``)."""
+    from annotator.convert import result_label, result_to_mask
+
+    segments = []
+    for result in results:
+        mask = result_to_mask(result)
+        if mask is not None and mask.shape == (image.height, image.width):
+            label = f"{result['from_name']}:{result_label(result)}"
+            segments.append(LabeledMask(mask, label, float(result.get("score") or 0.0)))
+    return overlay(image, segments, title)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
 from xdlabel.commands.common import emit, settings_of
 from xdlabel.settings import labelstudio_client
@@ -28,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                "version; it replaces the old one")
     prelabel.add_argument("--task-id", type=int, action="append", metavar="ID",
                           help="only this Label Studio task (repeatable; with --force: redo just these)")
+    prelabel.add_argument("--preview", metavar="DIR",
+                          help="also write each task's pre-labels drawn on its image: DIR/task-<id>.png")
     prelabel.add_argument("--json", action="store_true")
     prelabel.set_defaults(func=prelabel_command)
 
@@ -97,9 +100,24 @@ def prelabel_command(args: argparse.Namespace) -> int:
         bar.n = report.predicted + len(report.failed)
         bar.refresh()
 
+    preview = None
+    if args.preview:
+        from pathlib import Path
+
+        from PIL import Image
+
+        from xdlabel.overlay import prediction_overlay
+
+        folder = Path(args.preview)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def preview(task_id: int, image: Any, prediction: dict[str, Any]) -> None:
+            prediction_overlay(Image.fromarray(image), prediction["result"],
+                               f"task {task_id}: pre-labels").save(folder / f"task-{task_id}.png")
+
     # The model loads only once there is work to do.
     report = prelabel_project(lambda: services.predictor, client, services.sessions, args.project,
-                              services.model_version_name, options, progress)
+                              services.model_version_name, options, progress, preview)
     bar.close()
     services.close()
     summary = describe(report)
