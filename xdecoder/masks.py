@@ -38,7 +38,7 @@ class PackedMask:
     @classmethod
     def from_rows(cls, bits: np.ndarray, shape: tuple[int, int]) -> PackedMask:
         """From np.packbits(mask, axis=1) of the full [H, W] mask, built without the dense mask."""
-        rows = bits.any(1).nonzero()[0]
+        rows = np.flatnonzero(bits.any(axis=1))
         if rows.size == 0:
             return cls(shape, (0, 0, 0, 0), np.zeros((0, 0), dtype=np.uint8), 0)
         y0, y1 = int(rows[0]), int(rows[-1]) + 1
