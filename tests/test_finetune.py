@@ -13,7 +13,7 @@ from annotator.dataset import scenes_from_tasks
 from index.db import make_engine, make_session_factory, upgrade
 from index.models import ModelVersion
 from xdecoder.training.synthetic import CLASSES, STUFF, make_scenes
-from xdlabel.finetune import FinetuneOptions, finetune, split
+from xdlabel.finetune import FinetuneOptions, decide, finetune, split
 from xdlabel.settings import BUNDLED_CHECKPOINT
 
 
@@ -58,6 +58,23 @@ def test_tasks_become_the_same_scenes() -> None:
     assert len(data.digest) == 64
 
 
+def test_better_is_decided_on_enough_images_with_an_interval() -> None:
+    """Random per-image changes: decided only from 10 images, better only when the interval of the
+    mean lies above zero (and then the mean is above zero too); 200 seeded draws."""
+    rng = np.random.default_rng(4)
+    options = FinetuneOptions(min_heldout=10)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        changes = rng.normal(float(rng.uniform(-0.05, 0.1)), float(rng.uniform(0.001, 0.1)), n)
+        better, interval, decision = decide(changes, options)
+        assert interval is not None and interval[0] <= float(changes.mean()) <= interval[1]
+        if n < 10:
+            assert not better and decision.startswith("not decided")
+        else:
+            assert better == (interval[0] > 0) and (not better or changes.mean() > 0)
+    assert decide(np.full(12, 0.02), options)[0] and not decide(np.full(12, -0.02), options)[0]
+
+
 def test_split_holds_out_every_fourth() -> None:
     scenes = make_scenes(8, seed=0, size=(32, 32))
     train, held = split(scenes, 4)
@@ -68,7 +85,7 @@ def test_split_holds_out_every_fourth() -> None:
 
 def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) -> None:
     """Water is called "lake" here, a name the bundled model never saw: its held-out IoU must rise, and
-    the better checkpoint is registered as a model version."""
+    the checkpoint is registered as a model version exactly when decided better."""
     size = (96, 64)
     tasks, images = synthetic_tasks(16, seed=777, size=size, names={"water": "lake"})
     data = scenes_from_tasks(tasks, lambda task: images[task["id"]], size=size)
@@ -79,13 +96,17 @@ def test_finetuning_the_bundled_model_learns_a_new_class_name(tmp_path: Path) ->
     sessions = make_session_factory(engine)
     stuff = [c for c in data.class_names if c in STUFF]
     report = finetune("parity", str(BUNDLED_CHECKPOINT), data.scenes, data.class_names, stuff, tmp_path / "ft",
-                      FinetuneOptions(steps=40, lr=3e-4), data_digest=data.digest, sessions=sessions)
+                      FinetuneOptions(steps=40, lr=3e-4, min_heldout=4), data_digest=data.digest, sessions=sessions)
     print(f"\nnew class 'lake' IoU before {report.before['iou/lake']:.3f} after {report.after['iou/lake']:.3f}; "
-          f"mIoU {report.before['miou']:.3f} -> {report.after['miou']:.3f}")
+          f"mIoU {report.before['miou']:.3f} -> {report.after['miou']:.3f}; {report.decision}")
     assert report.after["iou/lake"] > report.before["iou/lake"] + 0.3
-    assert report.improved and report.checkpoint.is_file()
+    # "Better" is decided on the per-image change over the held-out images (4 here; 10 by default, see
+    # the test above): registered exactly when the interval of the mean change lies above zero.
+    assert report.heldout_scenes == 4 and report.interval is not None and report.checkpoint.is_file()
+    assert report.improved == (report.interval[0] > 0)
     with sessions() as session:
-        assert session.scalar(select(ModelVersion.name).where(ModelVersion.name == report.model_version))
+        registered = session.scalar(select(ModelVersion.name).where(ModelVersion.name == report.model_version))
+    assert (registered is not None) == report.improved
     engine.dispose()
 
 
