@@ -4,6 +4,7 @@ video bytes served with ranges."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from PIL import Image as PILImage
 
 from index.db import upgrade
 from tests.conftest import Server
@@ -21,7 +23,7 @@ from xdlabel.moments import group_moments
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 from xdlabel.sources import folder_items
-from xdlabel.video import Sampling
+from xdlabel.video import Sampling, VideoLimits, open_video, sample_frames
 from xdlabel.video_ingest import VideoPipeline
 
 
@@ -131,7 +133,18 @@ def test_moments_over_http_with_filters_and_the_video_bytes(tmp_path: Path) -> N
         record = client.get(f"/v1/videos/{top['video_id']}").json()
         assert (record["uri"], record["status"], record["frames"], record["codec"]) == ("a.mp4", "done", 16, "h264")
         assert client.get("/v1/videos/999999").status_code == 404
-        # Changed on disk since it was ingested: not served.
+        # A frame's original is that frame, decoded again from the verified video.
+        with (clips / "a.mp4").open("rb") as f:
+            container, stream, info = open_video(f, VideoLimits())
+            with container:
+                decoded = {round(fr.timestamp, 3): fr.rgb
+                           for fr in sample_frames(container, stream, info, Sampling(fps=2), VideoLimits())}
+        png = client.get(f"/v1/images/{top['best_image_id']}/original")
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert np.array_equal(np.asarray(PILImage.open(io.BytesIO(png.content))), decoded[top["best_time"]])
+        assert client.get(f"/v1/images/{top['best_image_id']}/thumbnail").status_code == 200
+        # Changed on disk since it was ingested: neither the video nor its frames are served.
         (clips / "a.mp4").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         assert client.get(f"/v1/videos/{top['video_id']}/file").status_code == 404
+        assert client.get(f"/v1/images/{top['best_image_id']}/original").status_code == 404
     services.close()

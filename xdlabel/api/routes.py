@@ -155,6 +155,11 @@ def _served_path(services: Services, image: Image) -> FilePath:
 def _verified_bytes(services: Services, image: Image) -> bytes:
     """The original's bytes, read once and only when they are still the ingested ones (same sha256,
     under the limit); everything served or rendered from the original comes from these bytes."""
+    from xdlabel.api.video_files import frame_png
+
+    frame = frame_png(services, image)  # a video frame: decoded from its verified video
+    if frame is not None:
+        return frame
     path = _served_path(services, image)
     limit = services.settings.max_image_bytes
     try:

@@ -3,7 +3,6 @@ so a browser's <video> can seek)."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from index.models import Video
 from xdlabel.api.auth import ServicesDep, require
 from xdlabel.api.routes import ERRORS
 from xdlabel.api.schemas import INT64_MAX, Id, MetaKey, MetaNumber, Text
+from xdlabel.api.video_files import verified_video_bytes
 from xdlabel.moments import VideoFilters, search_moments
 from xdlabel.search import public_uri
 from xdlabel.services import Services
@@ -27,7 +27,6 @@ PathId = Annotated[int, Path(ge=0, le=INT64_MAX, description="a 64-bit id")]
 MEDIA = {".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime", ".webm": "video/webm",
          ".mkv": "video/x-matroska", ".avi": "video/x-msvideo", ".mpg": "video/mpeg", ".mpeg": "video/mpeg",
          ".ts": "video/mp2t"}
-SERVE_LIMIT = 512 * 1024 * 1024  # videos are read whole to check their hash before any byte is sent
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -117,28 +116,6 @@ def get_video(video_id: PathId, services: ServicesDep) -> VideoOut:
     return VideoOut(**values)
 
 
-def _verified(services: Services, video: Video) -> bytes:
-    """The video's bytes, only while they are the ingested ones (same sha256); local files of videos
-    that were stored, never anything in the data folder."""
-    unavailable = HTTPException(404, f"the file of video {video.id} is not available")
-    parsed = urlparse(video.uri)
-    if video.status != "done" or parsed.scheme not in ("file", ""):
-        raise unavailable
-    path = FilePath(unquote(parsed.path)).resolve()
-    if path.is_relative_to(services.settings.data_dir.resolve()) or not path.is_file():
-        raise unavailable
-    try:
-        with open(path, "rb") as f:
-            data = f.read(SERVE_LIMIT + 1)
-    except OSError:
-        raise unavailable from None
-    if len(data) > SERVE_LIMIT:
-        raise HTTPException(413, f"video {video.id} is over the {SERVE_LIMIT}-byte serving limit")
-    if hashlib.sha256(data).hexdigest() != video.sha256:
-        raise HTTPException(404, f"the file of video {video.id} changed since it was ingested")
-    return data
-
-
 @router.get("/videos/{video_id}/file", dependencies=[READ], tags=["videos"], response_class=Response,
             responses={200: {"description": "the video"}, 206: {"description": "the asked byte range"},
                        416: {"description": "a range outside the file"}})
@@ -146,7 +123,7 @@ def get_video_file(video_id: PathId, services: ServicesDep,
                    range_: Annotated[str | None, Header(alias="Range")] = None) -> Response:
     """The stored video file, only while it is the one ingested; one ``Range: bytes=a-b`` is honoured."""
     video = _video(services, video_id)
-    data = _verified(services, video)
+    data = verified_video_bytes(services, video)
     media = MEDIA.get(FilePath(unquote(urlparse(video.uri).path)).suffix.lower(), "application/octet-stream")
     headers = {"Accept-Ranges": "bytes"}
     match = RANGE.match(range_.strip()) if range_ else None
