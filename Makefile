@@ -67,5 +67,10 @@ lock: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/model.py
 
+# On a CUDA machine (needs torch with CUDA, numpy, pillow; see bench/gpu_check.py): one table, <= 8 minutes.
+.PHONY: gpu-check
+gpu-check:
+	$(PY) bench/gpu_check.py
+
 clean:
 	rm -rf $(VENV) $(LS_VENV) .venv-floor xdlabel-data runs

@@ -118,7 +118,8 @@ class Predictor:
     """X-Decoder tasks over PIL images or arrays, with outputs in original image coordinates."""
 
     def __init__(self, model: XDecoder, device: str | torch.device | None = None,
-                 settings: PredictorSettings | None = None, autocast: bool | None = None) -> None:
+                 settings: PredictorSettings | None = None, autocast: bool | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -128,6 +129,7 @@ class Predictor:
         self.tokenizer = ClipTokenizer(model.config.text.context_length)
         # fp16/bf16 autocast on CUDA only; CPU stays float32 for exactness.
         self.autocast = (self.device.type == "cuda") if autocast is None else autocast
+        self._autocast_dtype = autocast_dtype  # None: bf16 where supported, else fp16
         # The model version the weights belong to (set by whoever loads them): class-name embeddings
         # are cached per (version, name), so weights loaded into this model later never meet stale ones.
         self.version = ""
@@ -140,6 +142,8 @@ class Predictor:
     def dtype(self) -> torch.dtype:
         if not self.autocast:
             return torch.float32
+        if self._autocast_dtype is not None:
+            return self._autocast_dtype
         return torch.bfloat16 if self.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
 
     def preprocessing(self) -> dict[str, object]:
