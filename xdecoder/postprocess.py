@@ -172,7 +172,7 @@ def panoptic_segments(logits: Tensor, upsample: MaskUpsampler, stuff_ids: Collec
         for start, masks in upsample.chunks(kept, (y0, y1)):
             masks.sigmoid_()
             probable[start:start + masks.shape[0]] = masks >= 0.5
-            values, index = (scores[kept[start:start + masks.shape[0]]].view(-1, 1, 1) * masks).max(0)
+            values, index = masks.mul_(scores[kept[start:start + masks.shape[0]]].view(-1, 1, 1)).max(0)
             better = values > best
             best = torch.where(better, values, best)
             ids = torch.where(better, index + start, ids)
