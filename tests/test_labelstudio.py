@@ -493,7 +493,7 @@ def test_ingest_a_label_studio_project_and_push_its_prelabels(ls_client: LabelSt
     assert summary["added"] == 3
     assert list(summary["failed"]) == [f"labelstudio://{project_id}/{missing}"]
     assert summary["labelstudio"] == {"delivered": 3, "pending": 0, "failed": 0, "error": None}
-    settings = Settings(data_dir=tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", short_side=128)  # the version name covers the short side
     services = Services(settings)
     version = services.model_version_name
     stored = _predictions_by_task(ls_client, project_id, version)
