@@ -203,7 +203,8 @@ def test_a_dead_label_studio_gives_a_clear_error(predictor: Predictor, sessions)
 @pytest.fixture
 def backend(label_studio: LocalLabelStudio, tmp_path: Path) -> Iterator[dict[str, Any]]:
     # No Label Studio URL or token configured: the backend reads images with what /setup tells it.
-    settings = Settings(data_dir=tmp_path / "data", short_side=128, ml_backend_password="s3cret")
+    settings = Settings(data_dir=tmp_path / "data", short_side=128, ml_backend_password="s3cret",
+                        ml_train_in_server=False)  # START_TRAINING queues a job for a worker
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     with Server(services) as url:

@@ -24,11 +24,11 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import CursorResult, DateTime, and_, case, func, literal, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +37,13 @@ from index.models import Dataset, Image, Job
 from index.retry import retry
 from xdlabel.services import Services
 
+if TYPE_CHECKING:
+    from annotator.client import LabelStudioClient
+    from xdlabel.finetune import FinetuneReport
+
 log = logging.getLogger(__name__)
+# Job params of a finetune job that set FinetuneOptions (the rest: ls_project, init, width, height).
+FINETUNE_PARAMS = ("steps", "batch_size", "lr", "seed", "holdout_every", "min_heldout")
 KINDS = ("ingest", "finetune")  # finetune: from Label Studio annotations (queued by START_TRAINING)
 MAX_ERRORS = 50
 HELD = ("running", "cancelling")  # states in which a job is held by a lease
@@ -90,12 +96,15 @@ def submit(session: Session, kind: str, params: dict[str, Any]) -> Job:
     return job
 
 
-def _claim_once(session: Session, worker: str, lease_seconds: float) -> tuple[str, int | None]:
+def _claim_once(session: Session, worker: str, lease_seconds: float, job_id: int | None = None
+                ) -> tuple[str, int | None]:
     """One round: ('claimed', id), ('settled', id) for a dead worker's cancelling job now cancelled,
     or ('none', None)."""
     dialect = _dialect(session)
     at = clock(dialect)
     query = (select(Job.id, Job.state, Job.lease_token, Job.started_at).where(_claimable(at)).order_by(Job.id))
+    if job_id is not None:  # that job only (the ML backend's server runs the training it queued)
+        query = query.where(Job.id == job_id)
     try:
         if dialect == "postgresql":  # the row stays locked until the commit; other claimers skip it
             rows = session.execute(query.limit(1).with_for_update(skip_locked=True)).all()
@@ -122,11 +131,11 @@ def _claim_once(session: Session, worker: str, lease_seconds: float) -> tuple[st
         raise
 
 
-def claim(session: Session, worker: str, lease_seconds: float = 10.0) -> Job | None:
-    """Take a lease on the oldest claimable job: queued, or held by a worker whose lease lapsed.
-    Dead workers' cancelling jobs met on the way are settled as cancelled."""
+def claim(session: Session, worker: str, lease_seconds: float = 10.0, only: int | None = None) -> Job | None:
+    """Take a lease on the oldest claimable job (or on job ``only``): queued, or held by a worker
+    whose lease lapsed. Dead workers' cancelling jobs met on the way are settled as cancelled."""
     for _ in range(1000):  # each round settles a job or returns
-        outcome, job_id = retry(lambda: _claim_once(session, worker, lease_seconds), what="claim")
+        outcome, job_id = retry(lambda: _claim_once(session, worker, lease_seconds, only), what="claim")
         if outcome == "none":
             return None
         if outcome == "claimed":
@@ -241,18 +250,20 @@ class Lease:
                              "finished_at": case((cancelled, stamp), else_=None), "lease_expires_at": None})
 
 
-def run_finetune(services: Services, job: Job, lease: Lease) -> str:
-    """START_TRAINING from Label Studio: fine-tune the serving checkpoint on the project's
-    annotations received by webhook (or read live when none were) under <data_dir>/finetune/job-<id>."""
+def run_finetune(services: Services, job: Job, lease: Lease, client: LabelStudioClient | None = None,
+                 on_report: Callable[[FinetuneReport], None] | None = None) -> str:
+    """START_TRAINING from Label Studio: fine-tune the serving checkpoint (``params.init``, else the
+    configured one) on the project's annotations received by webhook (or read live when none were)
+    under <data_dir>/finetune/job-<id>. ``client``: the ML backend's connection to that server."""
     from pathlib import Path
 
     from xdlabel.finetune import FinetuneOptions, describe, finetune, labelstudio_data
     from xdlabel.settings import labelstudio_client
 
     settings, params = services.settings, job.params
-    if not settings.ls_url or not settings.ls_token:
+    if client is None and (not settings.ls_url or not settings.ls_token):
         raise ValueError("fine-tuning reads images from Label Studio: set XDLABEL_LS_URL and XDLABEL_LS_TOKEN")
-    client = labelstudio_client(settings)
+    client = client or labelstudio_client(settings)
     project = int(params["ls_project"])
     size = (int(params.get("width", 160)), int(params.get("height", 128)))
     data = labelstudio_data(client, project, size, services.sessions, settings.max_image_bytes)
@@ -260,12 +271,16 @@ def run_finetune(services: Services, job: Job, lease: Lease) -> str:
         lease.check()
         data = labelstudio_data(client, project, size, None, settings.max_image_bytes)
     lease.check()
-    options = FinetuneOptions(steps=int(params.get("steps", 200)), batch_size=int(params.get("batch_size", 4)))
+    options = FinetuneOptions(**{k: type(getattr(FinetuneOptions, k))(v) for k, v in params.items()
+                                 if k in FINETUNE_PARAMS})
     out = Path(settings.data_dir) / "finetune" / f"job-{job.id}"
-    report = finetune(settings.model, settings.checkpoint, data.scenes, data.class_names, data.stuff, out, options,
+    init = str(params.get("init") or settings.checkpoint)
+    report = finetune(settings.model, init, data.scenes, data.class_names, data.stuff, out, options,
                       data_digest=data.digest, sessions=services.sessions,
                       log=lambda _step, _record: lease.check())  # a stop lands between two steps
     log.info("fine-tuning job %s: %s", job.id, describe(report))
+    if on_report is not None:
+        on_report(report)
     lease.write(total=len(data.scenes), done=len(data.scenes), failed=len(data.skipped),
                 errors=[{"uri": f"task {t}", "reason": r} for t, r in list(data.skipped.items())[:MAX_ERRORS]])
     return "done"
@@ -317,21 +332,24 @@ def run_ingest(services: Services, job: Job, lease: Lease) -> str:
         return "stopped"
     report = IngestPipeline(services, params["dataset"], batch_size=int(params.get("batch_size", 4)),
                             tags=params.get("tags", []), progress=progress, should_stop=lease.should_stop,
-                            push=push, source_roots=roots, forbidden=[settings.data_dir]).run(items)
+                            push=push, source_roots=roots, forbidden=[settings.data_dir],
+                            outputs=params.get("outputs")).run(items)
     progress(report)
     return "stopped" if report.cancelled else "done"
 
 
 def run(services: Services, job: Job, *, lease_seconds: float | None = None,
-        shutdown: threading.Event | None = None) -> str:
+        shutdown: threading.Event | None = None, **finetune_args: Any) -> str:
     """Run a claimed job to its end under its lease; returns the state it was left in ('lost' when
-    another worker took it over meanwhile: then this one wrote nothing more)."""
+    another worker took it over meanwhile: then this one wrote nothing more). ``finetune_args`` go
+    to ``run_finetune``."""
     seconds = lease_seconds or services.settings.job_lease_seconds
     lease = Lease(services.sessions, services.engine.dialect.name, job.id, job.lease_token, seconds, shutdown).start()
     try:
         error = None
         try:
-            outcome = (run_finetune if job.kind == "finetune" else run_ingest)(services, job, lease)
+            outcome = run_finetune(services, job, lease, **finetune_args) if job.kind == "finetune" \
+                else run_ingest(services, job, lease)
         except Stopped:
             outcome = "stopped"
         except Exception as err:  # noqa: BLE001 - recorded on the job; the worker carries on

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     checkpoint: str = str(BUNDLED_CHECKPOINT)  # local path or hf://owner/repo/file
     device: str | None = None  # None: CUDA when present
     short_side: int | None = None  # None: the bundled model's training size with it, else 512 (official demos)
+    ingest_outputs: str = "embedding,regions,caption"  # what ingest stores per image (embedding always)
     caption_steps: int | None = None  # None: the bundled model's with it, else the model config's
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     search_recall: float = Field(default=0.95, gt=0, le=1)  # recall@10 target of searches (IVF calibrated)
@@ -75,6 +76,7 @@ class Settings(BaseSettings):
     ml_timeout_predict: float = Field(default=100.0, gt=0)
     ml_predict_budget: float = Field(default=60.0, gt=0)
     ml_feature_cache_mb: int = Field(default=512, ge=0)  # interactive prompts: encoded images kept
+    ml_train_in_server: bool = True  # "Start training" runs in the server's own pool (else: a worker's job)
 
     @field_validator("source_roots", mode="before")
     @classmethod

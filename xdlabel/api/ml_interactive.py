@@ -89,16 +89,16 @@ class FeatureCache:
 
 
 def encoded(services: Services, cache: FeatureCache, client: LabelStudioClient, task: dict[str, Any],
-            config: LabelingConfig) -> Features:
-    """The task's image, encoded (from the cache when its bytes were seen before)."""
+            config: LabelingConfig, predictor: Predictor, version: str) -> Features:
+    """The task's image, encoded (from the cache when its bytes were seen by this model version)."""
     s = services.settings
     data = client.read_file(task_image_url(task, config), s.max_image_bytes)
-    key = hashlib.sha256(data).hexdigest()
+    key = f"{version}:{hashlib.sha256(data).hexdigest()}"
     features = cache.get(key)
     if features is None:
         image = read_image(data, s.max_image_pixels)[0]
         with services.model_lock:
-            features = services.predictor.encode([image])
+            features = predictor.encode([image])
         cache.put(key, features)
     return features
 
@@ -116,7 +116,8 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
         return empty
     try:
         cache = connections.features(services.settings.ml_feature_cache_mb << 20)
-        features = encoded(services, cache, client, tasks[0], config)
+        predictor = connections.predictor(services)
+        features = encoded(services, cache, client, tasks[0], config, predictor, version)
     except Exception as err:  # noqa: BLE001 - reported; the editor gets no suggestion
         log.warning("task %s: %s", tasks[0].get("id"), err)
         return empty
@@ -125,7 +126,6 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
     spatial = [p for p in prompts if p.get("type") in SPATIAL]
     others = [p for p in prompts if p.get("type") not in SPATIAL]
     with services.model_lock:
-        predictor = services.predictor
         answer = interactive(predictor, features, config, {"result": others}, version, settings, mapping=mapping) \
             if others else dict(empty)
         if spatial:

@@ -30,7 +30,7 @@ from annotator.project import task_image_url
 from xdecoder.transforms import read_image
 from xdlabel.api.auth import ServicesDep
 from xdlabel.api.ml_interactive import interactive_answer
-from xdlabel.api.ml_setup import ConnectionsDep, label_mapping, labeling_config, project_id, refuse
+from xdlabel.api.ml_setup import Connections, ConnectionsDep, label_mapping, labeling_config, project_id, refuse
 from xdlabel.api.ml_store import Target, claim, finish, release
 from xdlabel.api.schemas import Text
 from xdlabel.services import Services
@@ -65,8 +65,8 @@ def read_images(client: LabelStudioClient, tasks: list[dict[str, Any]], config: 
         return list(pool.map(read, tasks))
 
 
-def compute(services: Services, client: LabelStudioClient, config: LabelingConfig, tasks: list[dict[str, Any]],
-            version: str) -> list[dict[str, Any]]:
+def compute(services: Services, connections: Connections, client: LabelStudioClient, config: LabelingConfig,
+            tasks: list[dict[str, Any]], version: str) -> list[dict[str, Any]]:
     """One prediction per task (an empty result for an image that cannot be read)."""
     settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
     out: list[dict[str, Any]] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
@@ -74,7 +74,7 @@ def compute(services: Services, client: LabelStudioClient, config: LabelingConfi
     readable = [k for k, image in enumerate(images) if image is not None]
     if readable:
         with services.model_lock:  # one chunk at a time: the model's memory is sized for one
-            predictor = services.predictor
+            predictor = connections.predictor(services)
             features = predictor.encode([images[k] for k in readable])
             made = predictions(predictor, features, config, version, settings)
         for k, prediction in zip(readable, made, strict=True):
@@ -99,7 +99,7 @@ def predict(body: PredictRequest, services: ServicesDep, connections: Connection
         raise refuse(400, "label_config is missing")
     config = labeling_config(services, body.label_config, connections.params(body.project))
     client = connections.client(services, body.project)
-    version = services.model_version_name
+    version = connections.version(services)
     raw_context = body.params.get("context")
     context: dict[str, Any] = raw_context if isinstance(raw_context, dict) else {}
     if context.get("result"):  # interactive: one answer, for the first task; never stored
@@ -136,7 +136,7 @@ def predict(body: PredictRequest, services: ServicesDep, connections: Connection
         started = time.monotonic()
         tasks = [body.tasks[by_id[t]] for t in claims.compute]
         try:
-            made = compute(services, client, config, tasks, version)
+            made = compute(services, connections, client, config, tasks, version)
         except BaseException:
             release(services.sessions, target, owner, claims.compute)
             raise
@@ -152,12 +152,12 @@ def predict(body: PredictRequest, services: ServicesDep, connections: Connection
         log.info("project %s: %d of %d tasks left to the background pre-label (budget %.0f s)",
                  project, len(todo), len(body.tasks), s.ml_predict_budget)
         rest = [body.tasks[by_id[t]] for t in todo]
-        connections.pool.submit(prelabel_rest, services, client, config, target, rest)
+        connections.pool.submit(prelabel_rest, services, connections, client, config, target, rest)
     return {"results": results}
 
 
-def prelabel_rest(services: Services, client: LabelStudioClient, config: LabelingConfig, target: Target,
-                  tasks: list[dict[str, Any]]) -> None:
+def prelabel_rest(services: Services, connections: Connections, client: LabelStudioClient, config: LabelingConfig,
+                  target: Target, tasks: list[dict[str, Any]]) -> None:
     """Computes what a /predict had no time for and delivers it through the outbox, a chunk at a
     time (a task claimed meanwhile by another caller is skipped)."""
     owner = f"{OWNER}:bg:{uuid.uuid4().hex[:12]}"
@@ -170,7 +170,8 @@ def prelabel_rest(services: Services, client: LabelStudioClient, config: Labelin
             if not claims.compute:
                 continue
             try:
-                made = compute(services, client, config, [by_id[t] for t in claims.compute], target.model_version)
+                made = compute(services, connections, client, config, [by_id[t] for t in claims.compute],
+                               target.model_version)
             except BaseException:
                 release(services.sessions, target, owner, claims.compute)
                 raise

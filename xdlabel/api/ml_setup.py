@@ -17,18 +17,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 
 from annotator.client import LabelStudioClient, LabelStudioError
 from annotator.labeling import TASKS, LabelingConfig, parse_labeling_config
 from xdlabel.api.ml_interactive import FeatureCache
+from xdlabel.jobs import FINETUNE_PARAMS
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
+if TYPE_CHECKING:
+    from xdecoder import Predictor
+
 log = logging.getLogger(__name__)
 HEAL_WAITS = (0.5, 1.0, 2.0, 4.0, 8.0)  # Label Studio creates the webhook after its first /setup
+TRAIN_KEYS = (*FINETUNE_PARAMS, "width", "height")
 HEAL_EVERY = 300.0  # seconds between checks of a project whose webhook was found right
 
 
@@ -48,6 +53,7 @@ class ProjectParams:
     threshold: float | None = None
     thresholds: dict[str, float] = field(default_factory=dict)
     label_mapping: dict[str, str] = field(default_factory=dict)
+    train: dict[str, float] = field(default_factory=dict)  # fine-tune options: steps, lr, min_heldout...
 
 
 def parse_extra_params(raw: Any) -> ProjectParams:
@@ -79,9 +85,13 @@ def parse_extra_params(raw: Any) -> ProjectParams:
     if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) and k.strip()
                                                 for k, v in mapping.items()):
         raise ValueError("extra_params.label_mapping must map phrases to label values (strings)")
+    train = raw.get("train", {})
+    if not isinstance(train, dict) or not all(k in TRAIN_KEYS and isinstance(v, int | float) and v > 0
+                                              and not isinstance(v, bool) for k, v in train.items()):
+        raise ValueError(f"extra_params.train must map some of {list(TRAIN_KEYS)} to positive numbers")
     return ProjectParams(task, None if threshold is None else float(threshold),
                          {k: float(v) for k, v in thresholds.items()},
-                         {k.strip(): v for k, v in mapping.items()})
+                         {k.strip(): v for k, v in mapping.items()}, dict(train))
 
 
 def _is_score(value: Any) -> bool:
@@ -154,6 +164,8 @@ class Connections:
         self.pace = Pace(predict_chunk)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ml-background")
         self._features: FeatureCache | None = None
+        self._serving: tuple[Predictor, str, str] | None = None  # a fine-tune this server switched to
+        self.training: dict[str, Any] | None = None  # the last fine-tune run here: job, state, report
         self._by_project: dict[str, tuple[str, str]] = {}
         self._params: dict[str, ProjectParams] = {}
         self._healed: dict[tuple[str, int], float] = {}  # (server, project) -> when found right
@@ -168,22 +180,53 @@ class Connections:
             if params is not None:
                 self._params[project] = params
 
+    def serve(self, predictor: Predictor, version: str, checkpoint: str) -> None:
+        """From now on /predict and /setup use this model (a fine-tune registered as ``version``)."""
+        with self._lock:
+            self._serving = (predictor, version, checkpoint)
+        log.info("the ML backend now serves model version %s", version)
+
+    def version(self, services: Services) -> str:
+        """The served model's version, known without loading it."""
+        with self._lock:
+            serving = self._serving
+        return serving[1] if serving else services.model_version_name
+
+    def checkpoint(self, services: Services) -> str:
+        """The served checkpoint: the next fine-tune starts from it."""
+        with self._lock:
+            serving = self._serving
+        return serving[2] if serving else services.settings.checkpoint
+
+    def predictor(self, services: Services) -> Predictor:
+        with self._lock:
+            serving = self._serving
+        return serving[0] if serving else services.predictor
+
     def features(self, max_bytes: int) -> FeatureCache:
         with self._lock:
             if self._features is None:
                 self._features = FeatureCache(max_bytes)
             return self._features
 
+    def known_params(self) -> list[tuple[str, ProjectParams]]:
+        with self._lock:
+            return list(self._params.items())
+
     def params(self, project: str | None) -> ProjectParams:
         with self._lock:
             return self._params.get(project or "", ProjectParams())
 
-    def client(self, services: Services, project: str | None) -> LabelStudioClient:
+    def client(self, services: Services, project: str | int | None) -> LabelStudioClient:
+        """The connection for a project named as /setup names it, or by its id alone."""
         settings = services.settings
         if settings.ls_url and settings.ls_token:  # configured: wins over what /setup said
             return _client(settings, settings.ls_url, settings.ls_token)
         with self._lock:
-            known = self._by_project.get(project or "")
+            if isinstance(project, int):
+                known = next((v for k, v in self._by_project.items() if project_id(k) == project), None)
+            else:
+                known = self._by_project.get(project or "")
         if known is None:
             raise refuse(400, "no Label Studio connection for this project: set XDLABEL_LS_URL and "
                               "XDLABEL_LS_TOKEN, or let Label Studio call /setup first")

@@ -14,6 +14,9 @@ from sqlalchemy import select
 
 from index.models import Annotation
 from xdlabel.api.auth import ServicesDep
+from xdlabel.api.ml_setup import ConnectionsDep
+from xdlabel.api.ml_setup import project_id as project_of
+from xdlabel.api.ml_training import train_here
 from xdlabel.api.schemas import Text
 from xdlabel.jobs import submit
 
@@ -90,9 +93,10 @@ def _webhook_body(body: dict[str, Any]) -> WebhookIn:
 
 
 @router.post("/webhook")
-def webhook(body: dict[str, Any], services: ServicesDep) -> dict[str, Any]:
+def webhook(body: dict[str, Any], services: ServicesDep, connections: ConnectionsDep) -> dict[str, Any]:
     """Stores human annotations (upserted by Label Studio's id; deletions kept as deleted) and
-    queues a fine-tuning job on START_TRAINING. Only SQL writes here: Label Studio waits 1 s."""
+    queues a fine-tuning job on START_TRAINING (run in this server's pool unless
+    XDLABEL_ML_TRAIN_IN_SERVER=false). Only SQL writes here: Label Studio waits 1 s."""
     parsed = _webhook_body(body)
     action = parsed.action
     project_id = _ref_id(parsed.project)
@@ -121,8 +125,16 @@ def webhook(body: dict[str, Any], services: ServicesDep) -> dict[str, Any]:
             return {"status": "deleted", "annotations": ids}
         if action == "START_TRAINING":
             config = parsed.project.label_config if isinstance(parsed.project, ProjectRef) else ""
-            job = submit(session, "finetune", {"ls_project": project_id, "label_config_sha": _sha(config)})
-            return {"status": "queued", "job": job.id}
+            train = next((p.train for k, p in connections.known_params() if project_of(k) == project_id), {})
+            job = submit(session, "finetune", {**train, "ls_project": project_id, "label_config_sha": _sha(config),
+                                               "init": connections.checkpoint(services)})
+            if not services.settings.ml_train_in_server:
+                return {"status": "queued", "job": job.id,
+                        "message": f"fine-tuning job {job.id} queued: an `xdlabel worker` runs it"}
+            connections.pool.submit(train_here, services, connections, job.id, project_id)
+            return {"status": "training", "job": job.id,
+                    "message": f"fine-tuning job {job.id} runs in the ML backend's server; GET /ml/training "
+                               "shows its held-out result, and a better model is served once registered"}
     return {"status": "ignored", "action": action}
 
 

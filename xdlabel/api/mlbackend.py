@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from index.models import ModelVersion
-from xdlabel.api import ml_predict, ml_webhook
+from xdlabel.api import ml_predict, ml_training, ml_webhook
 from xdlabel.api.auth import ServicesDep
 from xdlabel.api.ml_setup import (
     Connections,
@@ -109,16 +109,17 @@ def setup(body: SetupRequest, request: Request, services: ServicesDep, connectio
                         what_to_set(project, hook))
         else:
             connections.heal_webhook(client, project, hook, basic_header(s.ml_backend_user, s.ml_backend_password))
-    return {"model_version": services.model_version_name}
+    return {"model_version": connections.version(services)}
 
 
 @router.get("/versions")
-def versions(services: ServicesDep) -> dict[str, list[str]]:
+def versions(services: ServicesDep, connections: ConnectionsDep) -> dict[str, list[str]]:
     with services.sessions() as session:
         names = list(session.scalars(select(ModelVersion.name).order_by(ModelVersion.id)))
-    current = services.model_version_name
+    current = connections.version(services)
     return {"versions": names if current in names else [*names, current]}
 
 
 router.include_router(ml_predict.router)
 router.include_router(ml_webhook.router)
+router.include_router(ml_training.router)
