@@ -22,8 +22,8 @@ from xdlabel.textqueries import TextQueries
 
 if TYPE_CHECKING:
     from xdecoder import Predictor
-
     from xdecoder.predictor import PredictorSettings
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -81,9 +81,6 @@ class Services:
         if "model" in self.__dict__:
             return self.model.name
         from xdecoder.checkpoint import file_sha256, resolve
-
-        return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)))
-
         from xdecoder.predictor import compute_dtype, preprocessing
 
         return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)),
@@ -91,6 +88,10 @@ class Services:
 
     def _predictor_settings(self) -> PredictorSettings:
         from xdecoder.predictor import PredictorSettings
+
+        return PredictorSettings(short_side=self.settings.image_short_side,
+                                 caption_steps=self.settings.image_caption_steps)
+
     @cached_property
     def model(self) -> ModelInfo:
         """The model version row of the loaded checkpoint (registered on first use)."""
