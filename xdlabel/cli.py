@@ -143,12 +143,14 @@ def _ingest(args: argparse.Namespace) -> int:
 
     from index.db import upgrade
     from xdlabel.ingest import IngestPipeline, IngestReport, LabelStudioPush
+    from xdlabel.outputs import parse_outputs
     from xdlabel.services import Services
     from xdlabel.sources import items_from
     from xdlabel.video import Sampling
     from xdlabel.video_ingest import VideoPipeline, merge_reports, split_videos
 
     settings = settings_of(args)
+    outputs = parse_outputs(settings.ingest_outputs if args.outputs is None else args.outputs)  # before any load
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     push = LabelStudioPush.from_settings(settings, services.model_version_name)
@@ -173,14 +175,15 @@ def _ingest(args: argparse.Namespace) -> int:
         from xdlabel.ray_engine import run_on_ray
 
         report = run_on_ray(services, args.dataset, items, batch_size=args.batch_size, tags=tuple(args.tag),
-                            actors=args.actors, address=args.ray_address, progress=progress, forbidden=data_dir)
+                            actors=args.actors, address=args.ray_address, progress=progress, forbidden=data_dir,
+                            outputs=outputs)
     else:
         report = IngestPipeline(services, args.dataset, batch_size=args.batch_size, tags=args.tag,
-                                progress=progress, push=push, forbidden=data_dir).run(stills)
+                                progress=progress, push=push, forbidden=data_dir, outputs=outputs).run(stills)
         if videos:  # each video's sampled frames: image rows linked to the video
             report = merge_reports(report, VideoPipeline(
                 services, args.dataset, sampling=sampling, batch_size=args.batch_size, tags=args.tag,
-                progress=progress, forbidden=data_dir).run(videos))
+                progress=progress, forbidden=data_dir, outputs=outputs).run(videos))
     bar.close()
     services.close()
     summary: dict[str, object] = {"added": len(report.added), "duplicates": len(report.duplicates),
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--dataset", required=True)
     ingest.add_argument("--tag", action="append", default=[], help="tag every image (repeatable)")
     ingest.add_argument("--batch-size", type=int, default=4)
+    ingest.add_argument("--outputs", help="what to store per image, of embedding,regions,caption (default: all, or "
+                        "XDLABEL_INGEST_OUTPUTS); the work for the rest is skipped")
     ingest.add_argument("--fps", type=float, help="videos: frames kept per second (default 1)")
     ingest.add_argument("--every-n", type=int, help="videos: keep every n-th decoded frame instead")
     ingest.add_argument("--scene", type=float, help="videos: keep a frame only when it differs from the last kept "

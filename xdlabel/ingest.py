@@ -28,13 +28,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
@@ -43,14 +42,15 @@ from annotator.client import LabelStudioClient
 from annotator.convert import mask_to_coco_rle
 from annotator.labeling import LabelingConfig, parse_labeling_config
 from annotator.outbox import DeliveryReport, Outbox, Outgoing, enqueue
-from annotator.prelabel import PrelabelSettings, predictions
+from annotator.prelabel import PrelabelSettings
 from index.models import Dataset, Image, ImageTag, Prediction
 from index.repository import get_or_create_dataset, insert_image_if_new
 from index.retry import is_transient_db_error, retry
 from index.store import NewEmbedding
-from xdecoder.predictor import Features, Predictor
-from xdecoder.results import Region
-from xdlabel.decoding import Decoded, decode, is_known, is_transient_fetch, reason, uri_key
+from xdecoder.predictor import Predictor
+from xdlabel.decoding import Decoded, decode, is_known, reason, uri_key
+from xdlabel.inference import InferredBatch, infer_each
+from xdlabel.outputs import parse_outputs
 from xdlabel.services import Services
 from xdlabel.settings import Settings, labelstudio_client
 from xdlabel.sources import Item
@@ -104,74 +104,6 @@ class LabelStudioPush:
 
 
 @dataclass
-class InferredBatch:
-    """What one model pass produced for a batch, plus the batch's failed inputs."""
-
-    decoded: list[Decoded]
-    failures: list[Decoded]
-    vectors: np.ndarray | None = None
-    regions: list[list[Region]] | None = None
-    captions: list[str] | None = None
-    ls_predictions: dict[int, dict[str, object]] = field(default_factory=dict)  # batch index -> prediction
-
-    @classmethod
-    def concat(cls, parts: Sequence[InferredBatch]) -> InferredBatch:
-        """One batch holding the parts' images and failures, in order."""
-        out = cls([d for part in parts for d in part.decoded], [f for part in parts for f in part.failures])
-        done = [part for part in parts if part.decoded]
-        if done:
-            assert all(p.vectors is not None and p.regions is not None and p.captions is not None for p in done)
-            out.vectors = np.concatenate([part.vectors for part in done if part.vectors is not None])
-            out.regions = [r for part in done if part.regions is not None for r in part.regions]
-            out.captions = [c for part in done if part.captions is not None for c in part.captions]
-            offset = 0
-            for part in done:
-                out.ls_predictions.update({offset + k: v for k, v in part.ls_predictions.items()})
-                offset += len(part.decoded)
-        return out
-
-
-def infer(predictor: Predictor, batch: list[Decoded], failures: list[Decoded],
-          push: LabelStudioPush | None = None) -> InferredBatch:
-    """One model pass: image vectors, region vectors and captions of the decoded images, and the
-    Label Studio pre-labels of those that came from a project."""
-    out = InferredBatch(batch, failures)
-    if batch:
-        features = predictor.encode([d.rgb for d in batch if d.rgb is not None])
-        out.vectors = predictor.image_embeddings(features)
-        out.regions = predictor.region_embeddings(features)
-        out.captions = predictor.caption(features)
-        projects = {d.item.meta["ls_project"] for d in batch if "ls_project" in d.item.meta} if push else set()
-        for project_id in sorted(projects):
-            assert push is not None
-            members = [k for k, d in enumerate(batch) if d.item.meta.get("ls_project") == project_id]
-            subset = Features([features.images[k] for k in members])
-            made = predictions(predictor, subset, push.config(project_id), push.model_version, push.prelabel,
-                               captions=[out.captions[k] for k in members])
-            out.ls_predictions.update(zip(members, made, strict=True))
-    for d in batch:  # pixels are not needed past the model; keep what is written
-        d.size = (d.rgb.shape[1], d.rgb.shape[0]) if d.rgb is not None else None
-        d.rgb = None
-    return out
-
-
-def infer_each(predictor: Predictor, batch: list[Decoded], failures: list[Decoded],
-               push: LabelStudioPush | None = None) -> InferredBatch:
-    """``infer``, and when the batch's pass fails, one item at a time so that only the items the
-    model (or Label Studio's labeling config) fails on become failures: tried again next run."""
-    try:
-        return infer(predictor, batch, failures, push)
-    except Exception as err:  # noqa: BLE001
-        if len(batch) <= 1:
-            for d in batch:
-                log.warning("%s: model pass failed: %s", d.item.uri, reason(err))
-                failures.append(Decoded(d.item, uri_key(d.item.uri), error=f"model: {reason(err)}",
-                                        transient=is_transient_fetch(err)))
-            return InferredBatch([], failures)
-    return InferredBatch.concat([InferredBatch([], failures)] + [infer_each(predictor, [d], [], push) for d in batch])
-
-
-@dataclass
 class Written:
     """What one batch's transaction did."""
 
@@ -195,8 +127,9 @@ class IngestPipeline:
                  decode_workers: int = 2, progress: Callable[[IngestReport], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, push: LabelStudioPush | None = None,
                  source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = (),
-                 fetch_timeout: float | None = None) -> None:
+                 fetch_timeout: float | None = None, outputs: str | Collection[str] | None = None) -> None:
         self.services, self.dataset, self.batch_size, self.tags = services, dataset, batch_size, tuple(tags)
+        self.outputs = parse_outputs(services.settings.ingest_outputs if outputs is None else outputs)
         self.decode_workers, self.progress, self.should_stop = decode_workers, progress, should_stop
         self.push, self.source_roots, self.forbidden = push, source_roots, tuple(forbidden)
         self.fetch_timeout = fetch_timeout or services.settings.fetch_timeout
@@ -286,14 +219,14 @@ class IngestPipeline:
             seen.add(decoded.digest)
             (failures if decoded.error else batch).append(decoded)
             if len(batch) == self.batch_size or len(failures) >= self.batch_size:
-                if not self._put(writes, infer_each(predictor, batch, failures, self.push), writer):
+                if not self._put(writes, infer_each(predictor, batch, failures, self.push, self.outputs), writer):
                     return
                 batch, failures = [], []
                 if self.should_stop and self.should_stop():
                     self.report.cancelled = True
                     return
         if (batch or failures) and not writer_error:
-            self._put(writes, infer_each(predictor, batch, failures, self.push), writer)
+            self._put(writes, infer_each(predictor, batch, failures, self.push, self.outputs), writer)
 
     @staticmethod
     def _put(writes: queue.Queue[InferredBatch | None], batch: InferredBatch | None,
@@ -365,8 +298,9 @@ class IngestPipeline:
                     continue
                 self._inserted(session, d, image_id)
                 assert batch.vectors is not None and batch.regions is not None and batch.captions is not None
-                session.add(Prediction(image_id=image_id, model_version_id=model.version_id, task="caption",
-                                       payload={"text": batch.captions[k]}))
+                if "caption" in self.outputs and batch.captions[k] is not None:  # else made for Label Studio only
+                    session.add(Prediction(image_id=image_id, model_version_id=model.version_id, task="caption",
+                                           payload={"text": batch.captions[k]}))
                 items.append(NewEmbedding(image_id, "image", batch.vectors[k]))
                 items += [NewEmbedding(image_id, "region", r.embedding, box=list(r.box),
                                        mask_rle=mask_to_coco_rle(r.mask), score=r.score) for r in batch.regions[k]]
@@ -413,8 +347,9 @@ class IngestPipeline:
         URI (it could not be fetched before) becomes the image, keeping its id."""
         d = batch.decoded[k]
         assert d.size is not None and batch.captions is not None
+        caption = batch.captions[k] if "caption" in self.outputs else None
         values: dict[str, Any] = {"uri": d.item.uri, "width": d.size[0], "height": d.size[1], "mode": d.mode,
-                                  "meta": d.item.meta, "caption": batch.captions[k]}
+                                  "meta": d.item.meta, "caption": caption}
         placeholder, other = uri_key(d.item.uri), aliased(Image)
         adopted = session.scalar(
             update(Image).where(Image.dataset_id == self.dataset_id, Image.sha256 == placeholder,

@@ -11,14 +11,16 @@ same images) behave identically.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from xdlabel.decoding import Decoded, decode, is_known
-from xdlabel.ingest import IngestPipeline, IngestReport, infer_each
+from xdlabel.inference import infer_each
+from xdlabel.ingest import IngestPipeline, IngestReport
+from xdlabel.outputs import ALL_OUTPUTS
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 from xdlabel.sources import Item
@@ -28,7 +30,8 @@ class InferActor:
     """Holds one X-Decoder; turns a batch of URIs into a pickled ``InferredBatch``."""
 
     def __init__(self, settings_json: str, known: set[str], retry_keys: set[str],
-                 source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = ()) -> None:
+                 source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = (),
+                 outputs: frozenset[str] = ALL_OUTPUTS) -> None:
         from xdecoder import Predictor, build_model, load_checkpoint
         from xdecoder.predictor import PredictorSettings
 
@@ -39,7 +42,7 @@ class InferActor:
                                     caption_steps=self.settings.image_caption_steps)
         self.predictor = Predictor(model, device=self.settings.device, settings=options)
         self.known, self.retry_keys = known, retry_keys
-        self.source_roots, self.forbidden = source_roots, forbidden
+        self.source_roots, self.forbidden, self.outputs = source_roots, forbidden, outputs
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         s = self.settings
@@ -49,7 +52,8 @@ class InferActor:
                    timeout=s.fetch_timeout)
             for uri, meta in zip(batch["uri"], batch["meta"], strict=True)]
         fresh = [d for d in decoded if not is_known(d, self.known, self.retry_keys)]
-        result = infer_each(self.predictor, [d for d in fresh if d.error is None], [d for d in fresh if d.error])
+        result = infer_each(self.predictor, [d for d in fresh if d.error is None], [d for d in fresh if d.error],
+                            outputs=self.outputs)
         duplicates = [d.item.uri for d in decoded if is_known(d, self.known, self.retry_keys)]
         return {"payload": np.array([pickle.dumps((result, duplicates))], dtype=object)}
 
@@ -57,11 +61,11 @@ class InferActor:
 def run_on_ray(services: Services, dataset: str, items: Iterable[Item], *, batch_size: int = 4,
                tags: tuple[str, ...] = (), actors: int = 1, address: str | None = None,
                progress: Callable[[IngestReport], None] | None = None, source_roots: Sequence[Path] | None = None,
-               forbidden: Sequence[Path] = ()) -> IngestReport:
+               forbidden: Sequence[Path] = (), outputs: str | Collection[str] | None = None) -> IngestReport:
     import ray
 
     pipeline = IngestPipeline(services, dataset, batch_size=batch_size, tags=tags, progress=progress,
-                              source_roots=source_roots, forbidden=forbidden)
+                              source_roots=source_roots, forbidden=forbidden, outputs=outputs)
     known = pipeline.prepare()
     rows: list[dict[str, Any]] = [{"uri": item.uri, "meta": pickle.dumps(item.meta)} for item in items]
     if not rows:
@@ -75,7 +79,7 @@ def run_on_ray(services: Services, dataset: str, items: Iterable[Item], *, batch
         results = data.map_batches(
             InferActor, fn_constructor_kwargs={"settings_json": services.settings.model_dump_json(), "known": known,
                                    "retry_keys": pipeline.retry_keys, "source_roots": source_roots,
-                                   "forbidden": tuple(forbidden)},
+                                   "forbidden": tuple(forbidden), "outputs": pipeline.outputs},
             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
             batch_format="numpy")
         for row in results.iter_rows():

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     ml_feature_cache_mb: int = Field(default=512, ge=0)  # interactive prompts: encoded images kept
     ml_train_in_server: bool = True  # "Start training" runs in the server's own pool (else: a worker's job)
 
+    @field_validator("ingest_outputs")
+    @classmethod
+    def _known_outputs(cls, value: str) -> str:
+        from xdlabel.outputs import parse_outputs
+
+        parse_outputs(value)  # a wrong name fails at startup with its reason, not mid-ingest
+        return value
+
     @field_validator("source_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:

@@ -39,7 +39,8 @@ from index.videos import (
 )
 from xdecoder.predictor import Predictor
 from xdlabel.decoding import Decoded, is_transient_fetch, reason, uri_key
-from xdlabel.ingest import InferredBatch, IngestPipeline, IngestReport, infer_each
+from xdlabel.inference import InferredBatch, infer_each
+from xdlabel.ingest import IngestPipeline, IngestReport
 from xdlabel.services import Services
 from xdlabel.sources import Access, FetchError, Item, fetch, open_checked
 from xdlabel.video import Frame, Sampling, VideoError, VideoLimits, frame_key, is_video_uri, open_video, sample_frames
@@ -228,13 +229,13 @@ class VideoPipeline(IngestPipeline):
             batch.append(FrameDecoded(Item(uri, dict(item.meta)), key, frame.rgb, "RGB", fetched=True,
                                       video_id=video_id, timestamp=frame.timestamp, pts=frame.pts))
             if len(batch) == self.batch_size:
-                if not self._put(writes, infer_each(predictor, batch, []), writer):
+                if not self._put(writes, infer_each(predictor, batch, [], outputs=self.outputs), writer):
                     return False
                 batch = []
                 if self.should_stop and self.should_stop():
                     self.report.cancelled = True
                     return False  # the video stays pending: the next run resumes it
-        if batch and not self._put(writes, infer_each(predictor, batch, []), writer):
+        if batch and not self._put(writes, infer_each(predictor, batch, [], outputs=self.outputs), writer):
             return False
         return self._put(writes, VideoFinished([], [], video_id=video_id, uri=item.uri, error=error), writer)
 

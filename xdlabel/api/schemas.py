@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -145,11 +145,20 @@ class JobIn(BaseModel):
                     " a repeated source is read once")
     tags: list[Annotated[Text, Field(min_length=1, max_length=100)]] = Field(default=[], max_length=100)
     batch_size: int = Field(default=4, ge=1, le=32)
+    outputs: list[Literal["embedding", "regions", "caption"]] | None = Field(
+        default=None, min_length=1, description="what to store per image (embedding always); default: the server's")
 
     @field_validator("sources")
     @classmethod
     def _once(cls, sources: list[str]) -> list[str]:
         return list(dict.fromkeys(sources))
+
+    @field_validator("outputs")
+    @classmethod
+    def _with_embedding(cls, outputs: list[str] | None) -> list[str] | None:
+        if outputs is not None and "embedding" not in outputs:
+            raise ValueError("outputs must include embedding: it is what image search reads")
+        return list(dict.fromkeys(outputs)) if outputs is not None else None
 
 
 class KeyOut(BaseModel):

@@ -9,13 +9,15 @@ from typing import Any
 
 from xdlabel.commands.common import emit, settings_of
 from xdlabel.settings import labelstudio_client
+from xdlabel.video_prelabel import prelabel_video_command, video_sampling_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prelabel = sub.add_parser("prelabel", help="pre-label a Label Studio project's tasks and push them in bulk")
     prelabel.add_argument("--project", type=int, required=True, help="Label Studio project id")
-    prelabel.add_argument("--task", choices=["auto", "panoptic", "instance", "semantic"],
-                          help="default: XDLABEL_LS_TASK (auto: panoptic with brushes, else instance)")
+    prelabel.add_argument("--task", choices=["auto", "panoptic", "instance", "semantic", "ground"],
+                          help="default: XDLABEL_LS_TASK (auto: panoptic with brushes, else instance; "
+                               "video projects: instance or ground)")
     prelabel.add_argument("--threshold", type=float,
                           help="minimum region score for every label of every control: wins over the config's "
                                "model_score_threshold and XDLABEL_LS_THRESHOLDS (without it: those, then "
@@ -32,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     prelabel.add_argument("--preview", metavar="DIR",
                           help="also write each task's pre-labels drawn on its image: DIR/task-<id>.png")
     prelabel.add_argument("--json", action="store_true")
+    video_sampling_args(prelabel)
     prelabel.set_defaults(func=prelabel_command)
 
     export = sub.add_parser("export", help="a Label Studio project's labels as COCO (RLE masks), PNG masks or JSON")
@@ -92,6 +95,8 @@ def prelabel_command(args: argparse.Namespace) -> int:
         prelabel=PrelabelSettings(polygon_tolerance=settings.ls_polygon_tolerance, captions=not args.no_captions),
         force=args.force, task_ids=frozenset(args.task_id or ()))
     # A wrong URL, token or project is told now, before anything reads the checkpoint or loads the model.
+    if (code := prelabel_video_command(args, settings, client, options)) is not None:
+        return code  # a <Video> project: tracks (xdlabel/video_prelabel.py)
     project_config(client, args.project, options)
     bar = tqdm(unit="task", disable=args.json)
 
