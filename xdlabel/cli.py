@@ -346,6 +346,13 @@ def _explain(err: BaseException) -> str:
         if "locked" in message.lower():
             return f"the database is busy ({message}); retry when the other writer is done"
         return f"database error: {message}; check XDLABEL_DATABASE_URL, then run xdlabel db upgrade"
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError) and err.errors():  # its first line names only the model
+        detail = err.errors()[0]
+        where = ".".join(str(part) for part in detail["loc"])
+        where = f"XDLABEL_{where.upper()}" if err.title == "Settings" else where
+        return f"{where}: {detail['msg']}"
     if isinstance(err, (ValueError, OSError, LookupError)):
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         return text or type(err).__name__
