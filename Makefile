@@ -15,10 +15,12 @@ LS := $(LS_VENV)/bin/label-studio
 
 .PHONY: venv runtime labelstudio demo test lint floor lock bench train-demo clean
 
-# uv itself, pinned with its hashes; it installs the locks (hash-checked) much faster than pip.
+# uv itself, pinned with its hashes; it installs the locks (hash-checked) much faster than pip. pip only
+# bootstraps uv and is then removed (17 MB of the runtime venv); a rerun of `python -m venv` brings it back.
 $(UV): requirements/uv.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --require-hashes -r requirements/uv.txt
+	$(UV) pip uninstall -q --python $(BIN)/python pip
 
 $(RUNTIME): requirements/runtime.txt | $(UV)
 	$(UV_INSTALL) --require-hashes -r requirements/runtime.txt
