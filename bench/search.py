@@ -1,6 +1,10 @@
-"""Vector search at 100k and 1M vectors (dim 512): raw FAISS vs xdlabel's paths vs hnswlib.
+"""Vector search benchmarks: the realistic peer table, HTTP throughput, and the easy set.
 
-For each size, on clustered synthetic unit vectors (seeded) and 1000 held-out queries:
+Default: the peer table on bench/realistic.py's workload-shaped set (--n, bench/search_realistic.py)
+and HTTP throughput at 16 and 64 clients (--load-n, bench/search_load.py).
+
+--sizes: the easy set, clustered synthetic 512-d unit vectors (seeded) and held-out queries from
+the same clusters:
 * exact ground truth (FAISS flat inner product);
 * raw FAISS: the IVF index xdlabel would build (same nlist), nprobe chosen for recall@10 >= 0.95;
 * xdlabel VectorIndex (the same index behind xdlabel's wrapper: lock, selector, params per call);
@@ -18,14 +22,15 @@ and one with follow_size=False, the old behaviour, which stays flat. Per-query l
 recall@10 of both, before and after, and the searches made while the background build ran.
 Not a test; prints tables.
 
-    python bench/search.py [--sizes 100000 1000000] [--queries 1000] [--growth 100000]
-    python bench/search.py --sizes --growth 60000      # the growth run only
+    python bench/search.py [--n 250000] [--load-n 50000] [--sizes 100000 1000000] [--growth 100000]
+    python bench/search.py --n 0 --load-n 0 --growth 60000      # the growth run only
 """
 
 from __future__ import annotations
 
 import argparse
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -64,8 +69,11 @@ def qps(fn: Callable[[np.ndarray], object], queries: np.ndarray) -> float:
     return len(queries) / (time.perf_counter() - start)
 
 
-def populate_sql(url: str, ids_vectors: np.ndarray) -> tuple[int, list[int]]:
-    """One dataset, one image per vector, the vectors as embeddings rows (bulk insert)."""
+def populate_sql(url: str, ids_vectors: np.ndarray, dim: int = DIM, model_version_id: int | None = None,
+                 buckets: np.ndarray | None = None) -> tuple[int, list[int]]:
+    """One image per vector (image and embedding id = row + 1), the vectors as embeddings rows (bulk
+    insert); one dataset, or with ``buckets`` one dataset per bucket value (named bench-<bucket>), so a
+    dataset filter selects a bucket's share of the rows through an indexed column."""
     from sqlalchemy import insert
 
     from index.db import make_engine, make_session_factory, upgrade
@@ -76,26 +84,28 @@ def populate_sql(url: str, ids_vectors: np.ndarray) -> tuple[int, list[int]]:
     upgrade(url)
     engine = make_engine(url)
     with make_session_factory(engine)() as session:
-        mv = get_or_create_model_version(session, name="bench", checkpoint_sha256="0" * 64, embedding_dim=DIM)
-        ds = create_dataset(session, name="bench")
-        session.commit()
+        mv_id = model_version_id or get_or_create_model_version(session, name="bench", checkpoint_sha256="0" * 64,
+                                                                embedding_dim=dim).id
         n = len(ids_vectors)
+        groups = np.zeros(n, np.int64) if buckets is None else np.asarray(buckets, np.int64)
+        datasets = {int(b): create_dataset(session, name=f"bench-{b}").id for b in range(int(groups.max()) + 1)}
+        session.commit()
         for start in range(0, n, 50_000):
             stop = min(n, start + 50_000)
-            session.execute(insert(Image), [{"id": i + 1, "dataset_id": ds.id, "uri": f"file:///{i}.jpg",
-                                             "sha256": f"{i:064x}", "meta": {}, "status": "done"}
+            session.execute(insert(Image), [{"id": i + 1, "dataset_id": datasets[int(groups[i])],
+                                             "uri": f"file:///{i}.jpg", "sha256": f"{i:064x}", "meta": {},
+                                             "status": "done"}
                                             for i in range(start, stop)])
-            session.execute(insert(Embedding), [{"id": i + 1, "model_version_id": mv.id, "image_id": i + 1,
+            session.execute(insert(Embedding), [{"id": i + 1, "model_version_id": mv_id, "image_id": i + 1,
                                                  "kind": "image", "vector": to_bytes(ids_vectors[i])}
                                                 for i in range(start, stop)])
             session.commit()
-        mv_id = mv.id
     engine.dispose()
     return mv_id, list(range(1, n + 1))
 
 
 def run_size(n: int, num_queries: int, rows: list[dict[str, object]]) -> None:
-    from index.vectors import IndexParams, VectorIndex
+    from index.vectors import IndexParams, VectorIndex, train_size
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((max(100, n // 200), DIM)).astype(np.float32)
@@ -127,7 +137,7 @@ def run_size(n: int, num_queries: int, rows: list[dict[str, object]]) -> None:
     start = time.perf_counter()
     quantizer = faiss.IndexFlatIP(DIM)
     raw = faiss.IndexIVFFlat(quantizer, DIM, nlist, faiss.METRIC_INNER_PRODUCT)
-    raw.train(x[np.random.default_rng(0).choice(n, size=min(n, params.train_sample), replace=False)])
+    raw.train(x[np.random.default_rng(0).choice(n, size=train_size(n, params), replace=False)])
     raw.add_with_ids(x, ids)
     raw_build = time.perf_counter() - start
     nprobe = 4
@@ -367,11 +377,26 @@ def run_growth(target: int, exact_max: int, num_queries: int, batch: int = 1000)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--n", type=int, default=250_000, help="realistic set size (0: skip the peer table)")
+    parser.add_argument("--load-n", type=int, default=50_000, help="stored vectors of the HTTP load run (0: skip)")
+    parser.add_argument("--load-seconds", type=float, default=10.0)
+    parser.add_argument("--sizes", type=int, nargs="*", default=[], help="also the easy clustered 512-d set")
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--growth", type=int, default=100_000, help="grow an index to this size by ingestion (0: skip)")
+    parser.add_argument("--growth", type=int, default=0, help="grow an index to this size by ingestion (0: skip)")
     parser.add_argument("--exact-max", type=int, default=None, help="exact_max of the growth run (default: shipped)")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.* when run as a script
+    if args.n:
+        from bench import search_realistic
+
+        table = search_realistic.run(args.n, args.queries)
+        print(f"\nvector search on the realistic set (bench/realistic.py), {args.queries} queries, "
+              f"{faiss.omp_get_max_threads()} threads; latency = one query at a time; QPS = one batch of all queries")
+        search_realistic.print_table(table)
+    if args.load_n:
+        from bench import search_load
+
+        search_load.print_table(search_load.run(args.load_n, args.load_seconds), args.load_n)
     if args.growth:
         from index.vectors import IndexParams
 
