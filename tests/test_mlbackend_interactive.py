@@ -1,28 +1,35 @@
 """Interactive prompts: a session's clicks and boxes make one region (add/subtract over candidate
-masks, checked as properties over random scenes), encoded images are cached by content hash under
-a memory bound, and a real Label Studio's interactive request is answered from the cache the second
-time with the same region as a fresh encode."""
+masks, checked as properties over random scenes); encoded images and their candidate masks are
+cached by content hash under a memory bound, so through a real Label Studio a later prompt on an
+image neither downloads nor encodes it and answers in under a second; concurrent prompts under a
+small cache equal uncached answers."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from annotator.client import LabelStudioClient
-from annotator.convert import result_to_mask
 from annotator.localserver import LocalLabelStudio
 from annotator.prelabel import LabelledRegion
 from index.db import upgrade
-from tests.conftest import Server, make_images
+from tests.conftest import Server
 from xdecoder.predictor import EncodedImage, Features
 from xdecoder.transforms import ImageGeometry
-from xdlabel.api.ml_interactive import FeatureCache, combine, features_bytes
+from xdlabel.api import ml_interactive
+from xdlabel.api.ml_interactive import FeatureCache, combine, features_bytes, interactive_answer
+from xdlabel.api.ml_setup import Connections, labeling_config
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -33,6 +40,7 @@ CONFIG = """<View>
     <Label value="background" stuff="true"/>
   </BrushLabels>
   <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Ball"/></KeyPointLabels>
+  <TextArea name="prompt" toName="image" editable="true"/>
 </View>"""
 
 
@@ -120,46 +128,179 @@ def test_feature_cache_is_lru_and_never_over_its_bound() -> None:
     assert features_bytes(_features(400).images[0]) == 400
 
 
+def _scene_image(path: Path, seed: int, width: int = 640, height: int = 480) -> None:
+    """A photo-sized shape scene: a ball and a square on grass under sky."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (60, 170, 60))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([0, 0, width, height // 3], fill=(120, 180, 240))
+    x, y = int(rng.integers(20, width // 2)), int(rng.integers(height // 3, height // 2))
+    draw.ellipse([x, y, x + width // 4, y + width // 4], fill=(220, 40, 30))
+    draw.rectangle([width * 3 // 5, height // 2, width * 4 // 5, height * 3 // 4], fill=(40, 60, 200))
+    image.save(path)
+
+
+@dataclass
+class Backend:
+    url: str
+    services: Services
+    connections: Any
+
+
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    settings = Settings(data_dir=tmp_path / "data", short_side=64, caption_steps=2, ml_backend_password="s3cret")
+def backend(tmp_path: Path, label_studio: LocalLabelStudio) -> Iterator[Backend]:
+    """The ML backend under uvicorn with the bundled model at its default size."""
+    settings = Settings(data_dir=tmp_path / "data", ml_backend_password="s3cret",
+                        ls_url=label_studio.url, ls_token=label_studio.token)
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     server = Server(services)
     with server as url:
-        yield {"url": url + "/ml", "services": services, "app": server.server.config.app}
+        yield Backend(url + "/ml", services, server.server.config.app.state.ls_connections)
     services.engine.dispose()
 
 
-def test_interactive_prompts_reuse_the_encoded_image(backend: dict[str, Any], label_studio: LocalLabelStudio,
-                                                     tmp_path: Path) -> None:
-    client = LabelStudioClient(label_studio.url, label_studio.token)
-    project = client.sdk.projects.create(title="interactive-cache", label_config=CONFIG)
-    folder = label_studio.files_root / "interactive-cache"
+class Counts:
+    """Downloads, encodes and candidate computations done by the backend, counted where they happen."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, services: Services) -> None:
+        self.reads = self.encodes = self.candidates = 0
+        self._lock = threading.Lock()
+        predictor = services.predictor
+        encode, read, regions = predictor.encode, LabelStudioClient.read_file, ml_interactive.regions
+
+        def counting_encode(*args: Any, **kwargs: Any) -> Any:
+            self._add("encodes")
+            return encode(*args, **kwargs)
+
+        def counting_read(client: LabelStudioClient, *args: Any, **kwargs: Any) -> bytes:
+            self._add("reads")
+            return read(client, *args, **kwargs)
+
+        def counting_regions(*args: Any, **kwargs: Any) -> Any:
+            self._add("candidates")
+            return regions(*args, **kwargs)
+
+        monkeypatch.setattr(predictor, "encode", counting_encode)
+        monkeypatch.setattr(LabelStudioClient, "read_file", counting_read)
+        monkeypatch.setattr(ml_interactive, "regions", counting_regions)
+
+    def _add(self, name: str) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
+    def now(self) -> tuple[int, int, int]:
+        return self.reads, self.encodes, self.candidates
+
+
+def _project(client: LabelStudioClient, label_studio: LocalLabelStudio, title: str, n: int,
+             size: tuple[int, int] = (640, 480)) -> tuple[int, list[int]]:
+    project = client.sdk.projects.create(title=title, label_config=CONFIG)
+    folder = label_studio.files_root / title
     folder.mkdir(parents=True)
-    for path in make_images(tmp_path / "imgs", 1):
-        (folder / path.name).write_bytes(path.read_bytes())
+    for i in range(n):
+        _scene_image(folder / f"img{i}.png", i, *size)
     client.sdk.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
-    (task,) = client.sdk.projects.import_tasks(id=project.id, request=[
-        {"data": {"image": "/data/local-files/?d=interactive-cache/img0.png"}}], return_task_ids=True).task_ids
-    backend_id = client.register_ml_backend(project.id, backend["url"], "xdlabel", "s3cret")
-    connections = backend["app"].state.ls_connections
+    tasks = [{"data": {"image": f"/data/local-files/?d={title}/img{i}.png"}} for i in range(n)]
+    return project.id, list(client.sdk.projects.import_tasks(id=project.id, request=tasks,
+                                                             return_task_ids=True).task_ids)
+
+
+PHRASE = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["ball"]}}
+
+
+def _clicks(points: list[tuple[float, float, bool]]) -> list[dict[str, Any]]:
+    return [{"type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": positive,
+             "value": {"x": x, "y": y, "width": 0.5, "keypointlabels": ["Ball"]}} for x, y, positive in points]
+
+
+def test_a_second_prompt_on_an_image_neither_downloads_nor_encodes_it_and_answers_in_under_a_second(
+        backend: Backend, label_studio: LocalLabelStudio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through Label Studio's own interactive call (the editor's request) to the backend over HTTP,
+    on a 640x480 scene with the bundled model at its default size: the first prompt downloads and
+    encodes the image, the first click computes its candidate masks; every later prompt, phrase or
+    click, does none of that and is answered in under a second, with the same regions."""
+    client = LabelStudioClient(label_studio.url, label_studio.token)
+    project, (task, _) = _project(client, label_studio, "interactive-cache", 2)
+    backend_id = client.register_ml_backend(project, backend.url, "xdlabel", "s3cret")
+    counts = Counts(monkeypatch, backend.services)
 
     def ask(prompts: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
         started = time.monotonic()
-        raw = client.sdk.ml.with_raw_response.predict_interactive(id=backend_id, task=task, context={
-            "result": [dict(p, from_name="kp", to_name="image", original_width=160, original_height=120)
-                       for p in prompts]})
+        raw = client.sdk.ml.with_raw_response.predict_interactive(id=backend_id, task=task,
+                                                                   context={"result": prompts})
         return raw.response.json()["data"]["result"], time.monotonic() - started
 
-    clicks = [_click(r, c, 120, 160) for r, c in ((40, 40), (60, 100))] + [_click(5, 5, 120, 160, False)]
-    first, first_seconds = ask(clicks)
-    cache = connections.features(1)
-    assert (cache.misses, cache.hits, len(cache)) == (1, 0, 1)
-    second, second_seconds = ask(clicks)
-    assert (cache.misses, cache.hits) == (1, 1)  # the second prompt did not encode the image again
-    assert len({r["id"] for r in first}) <= 1 and len(first) == len(second)
-    if first:  # one brush region: the session's clicks combined
-        assert [r["type"] for r in first] == ["brushlabels"]
-        assert np.array_equal(result_to_mask(first[0]), result_to_mask(second[0]))
-    print(f"interactive prompt: first {first_seconds:.2f} s, cached {second_seconds:.2f} s")
+    clicks = _clicks([(25.0, 45.0, True), (90.0, 10.0, False)])
+    phrase, phrase_first = ask([PHRASE])
+    assert counts.now() == (1, 1, 0)  # downloaded and encoded once
+    click, click_first = ask(clicks)
+    assert counts.now() == (1, 1, 1)  # no download, no encode; candidates computed once
+    timings = []
+    for _ in range(3):
+        again, seconds = ask([PHRASE])
+        assert again == phrase
+        timings.append(seconds)
+        again, seconds = ask(clicks)
+        assert again == click
+        timings.append(seconds)
+    assert counts.now() == (1, 1, 1)  # nothing downloaded, encoded or computed again
+    assert [r["value"]["brushlabels"] for r in phrase] == [["Ball"]]  # the phrase's suggestion
+    assert [r["type"] for r in click] == ["brushlabels"]  # the session's one region
+    print(f"640x480 interactive: first phrase {phrase_first:.2f} s, first click {click_first:.2f} s, "
+          f"later prompts {', '.join(f'{t:.2f}' for t in timings)} s")
+    assert max(timings) < 1.0, timings
+
+
+def _post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = httpx.post(url + "/predict", json=body, auth=("xdlabel", "s3cret"), timeout=120)
+    response.raise_for_status()
+    return response.json()["results"][0]  # type: ignore[no-any-return]
+
+
+def test_concurrent_prompts_on_several_images_under_a_small_cache_equal_uncached_answers(
+        backend: Backend, label_studio: LocalLabelStudio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """6 threads send 30 seeded random prompts (a phrase, or 1-3 clicks with negatives) on 4
+    320x240 images straight to /ml/predict, with a cache bound that holds about two images: evictions
+    happen, fewer encodes than prompts are made, and every answer equals the one computed
+    with no cache at all (fresh download and encode for each prompt)."""
+    client = LabelStudioClient(label_studio.url, label_studio.token)
+    project, task_ids = _project(client, label_studio, "interactive-concurrent", 4, (320, 240))
+    tasks = [{"id": t, "data": {"image": f"/data/local-files/?d=interactive-concurrent/img{i}.png"}}
+             for i, t in enumerate(task_ids)]
+    rng = np.random.default_rng(1212)
+    prompts = []
+    for _ in range(30):
+        if rng.random() < 0.3:
+            context = [PHRASE]
+        else:
+            n = int(rng.integers(1, 4))
+            context = _clicks([(float(rng.uniform(5, 95)), float(rng.uniform(5, 95)),
+                                bool(k == 0 or rng.random() < 0.6)) for k in range(n)])
+        prompts.append((int(rng.integers(0, 4)), context))
+    bound = 2 << 20  # two images: each ~0.4 MB of features and ~0.5 MB of packed candidates at 320x240
+    cache = backend.connections.features(bound)
+    counts = Counts(monkeypatch, backend.services)
+
+    def body(k: int) -> dict[str, Any]:
+        image, context = prompts[k]
+        return {"tasks": [tasks[image]], "project": f"{project}.0", "label_config": CONFIG,
+                "params": {"context": {"result": context}}}
+
+    with ThreadPoolExecutor(6) as pool:
+        cached = list(pool.map(lambda k: _post(backend.url, body(k)), range(len(prompts))))
+    assert cache.evictions > 0 and cache.size <= bound
+    assert counts.encodes <= counts.reads and counts.encodes < len(prompts)
+    print(f"{len(prompts)} prompts: {counts.reads} downloads, {counts.encodes} encodes, "
+          f"{counts.candidates} candidate runs, {cache.evictions} evictions")
+
+    encodes = counts.encodes
+    fresh = Connections()
+    fresh.features(0)  # holds nothing: every prompt downloads and encodes its image again
+    config = labeling_config(backend.services, CONFIG)
+    version = backend.connections.version(backend.services)
+    for k, (image, context) in enumerate(prompts):
+        reference = interactive_answer(backend.services, fresh, client, config, [tasks[image]],
+                                       {"result": context}, version)
+        assert cached[k]["result"] == reference["result"], k
+    assert counts.encodes - encodes == len(prompts)  # the reference really encoded every time

@@ -1,7 +1,8 @@
 """Interactive prompts in the editor (a typed phrase, a click, a box): the image is encoded once
 and its features kept, keyed by the file's content hash, so every later prompt on that image only
-runs the decoder's cheap heads. The cache drops the least recently used images first and holds at
-most ``XDLABEL_ML_FEATURE_CACHE_MB`` of tensors.
+runs the decoder's cheap heads; the image's candidate masks (what a click or a box picks from)
+are kept beside them, bit-packed, since at full resolution they are the slow part of a click. The
+cache drops the least recently used first and holds at most ``XDLABEL_ML_FEATURE_CACHE_MB`` in all.
 
 Clicks and boxes of one interaction session (Label Studio sends them all in ``context.result``)
 make one region: each positive click adds the best candidate mask under it, a box adds the
@@ -15,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 from torch import Tensor
@@ -40,21 +42,38 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+URL_SECONDS = 600.0  # an image URL is taken to keep its bytes this long (a session's prompts)
+URLS_KEPT = 4096  # image URLs remembered (a few hundred bytes each)
+
+
 def features_bytes(image: EncodedImage) -> int:
     tensors: list[Tensor] = [image.mask_features, image.res5, image.embeddings, image.mask_logits,
                              *image.multi_scale, *image.latents]
     return sum(t.element_size() * t.nelement() for t in tensors)
 
 
+def _features_size(features: Features) -> int:
+    return sum(features_bytes(image) for image in features)
+
+
+T = TypeVar("T")
+
+
 class FeatureCache:
-    """Encoded images by content hash, least recently used dropped first, at most ``max_bytes``."""
+    """Per-image state (encoded features, candidate masks) by key, least recently used dropped
+    first, at most ``max_bytes`` in all; one maker per key at a time, so prompts racing on one new
+    image encode it once. Also which content an image URL served (for URL_SECONDS), so a later
+    prompt on it downloads nothing."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, tuple[Features, int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._urls: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._making: dict[str, tuple[threading.Lock, int]] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
 
     @property
     def size(self) -> int:
@@ -65,7 +84,7 @@ class FeatureCache:
         with self._lock:
             return len(self._items)
 
-    def get(self, key: str) -> Features | None:
+    def get(self, key: str) -> Any | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -75,32 +94,99 @@ class FeatureCache:
             self.hits += 1
             return item[0]
 
-    def put(self, key: str, features: Features) -> None:
-        size = sum(features_bytes(image) for image in features)
-        if size > self.max_bytes:
-            return  # larger than the whole cache: not kept
+    def put(self, key: str, value: Any, nbytes: int | None = None) -> None:
+        size = _features_size(value) if nbytes is None else nbytes
         with self._lock:
             self._items.pop(key, None)
-            self._items[key] = (features, size)
+            if size > self.max_bytes:
+                return  # larger than the whole cache: not kept
+            self._items[key] = (value, size)
             total = sum(n for _, n in self._items.values())
             while total > self.max_bytes:
                 _, (_, dropped) = self._items.popitem(last=False)
                 total -= dropped
+                self.evictions += 1
+
+    def get_or_make(self, key: str, make: Callable[[], T], nbytes: Callable[[T], int]) -> T:
+        """The value under ``key``, made (once, however many callers race) when missing."""
+        found = self.get(key)
+        if found is not None:
+            return cast(T, found)
+        with self._lock:
+            lock, waiting = self._making.get(key, (threading.Lock(), 0))
+            self._making[key] = (lock, waiting + 1)
+        try:
+            with lock:
+                with self._lock:  # made by the caller this one waited for?
+                    item = self._items.get(key)
+                if item is not None:
+                    return cast(T, item[0])
+                value = make()
+                self.put(key, value, nbytes(value))
+                return value
+        finally:
+            with self._lock:
+                lock, waiting = self._making[key]
+                if waiting == 1:
+                    del self._making[key]
+                else:
+                    self._making[key] = (lock, waiting - 1)
+
+    def content_of(self, url: str) -> str | None:
+        """The content key ``url`` served within URL_SECONDS, if any."""
+        with self._lock:
+            seen = self._urls.get(url)
+            if seen is None or time.monotonic() - seen[1] > URL_SECONDS:
+                return None
+            return seen[0]
+
+    def served(self, url: str, key: str) -> None:
+        with self._lock:
+            self._urls.pop(url, None)
+            self._urls[url] = (key, time.monotonic())
+            while len(self._urls) > URLS_KEPT:
+                self._urls.popitem(last=False)
 
 
 def encoded(services: Services, cache: FeatureCache, client: LabelStudioClient, task: dict[str, Any],
-            config: LabelingConfig, predictor: Predictor, version: str) -> Features:
-    """The task's image, encoded (from the cache when its bytes were seen by this model version)."""
+            config: LabelingConfig, predictor: Predictor, version: str) -> tuple[str, Features]:
+    """The task's image encoded, with its cache key: from the cache when this model version saw
+    the bytes (downloaded only when its URL is not known to have served them lately)."""
     s = services.settings
-    data = client.read_file(task_image_url(task, config), s.max_image_bytes)
-    key = f"{version}:{hashlib.sha256(data).hexdigest()}"
-    features = cache.get(key)
-    if features is None:
-        image = read_image(data, s.max_image_pixels)[0]
+    url = task_image_url(task, config)
+    where = f"{version}:{client.url}:{url}"
+    key = cache.content_of(where)
+    features = cache.get(key) if key else None
+    if key is None or features is None:
+        data = client.read_file(url, s.max_image_bytes)
+        key = f"{version}:{hashlib.sha256(data).hexdigest()}"
+        cache.served(where, key)
+
+        def encode() -> Features:
+            image = read_image(data, s.max_image_pixels)[0]
+            with services.model_lock:
+                return predictor.encode([image])
+
+        features = cache.get_or_make(key, encode, _features_size)
+    return key, features
+
+
+def candidates(services: Services, cache: FeatureCache, key: str, predictor: Predictor, features: Features,
+               config: LabelingConfig) -> list[LabelledRegion]:
+    """Every instance candidate of the image for the config's classes, kept bit-packed beside its
+    features: at full resolution they are the slow part of a click (seconds on a photo)."""
+    names = hashlib.sha256("\n".join(config.class_names).encode()).hexdigest()[:16]
+    shape = features.images[0].geometry.original
+
+    def make() -> list[tuple[str, np.ndarray, float]]:
         with services.model_lock:
-            features = predictor.encode([image])
-        cache.put(key, features)
-    return features
+            made = regions(predictor, features, replace(config, task="instance", stuff=frozenset()))[0]
+        return [(c.label, np.packbits(c.mask, axis=None), c.score) for c in made]
+
+    packed = cache.get_or_make(f"{key}:candidates:{names}", make, lambda v: sum(p.nbytes for _, p, _ in v) + 1)
+    size = shape[0] * shape[1]
+    return [LabelledRegion(label, np.unpackbits(bits, count=size).astype(bool).reshape(shape), score)
+            for label, bits, score in packed]
 
 
 SPATIAL = ("keypointlabels", "rectanglelabels")
@@ -114,22 +200,23 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
     empty: dict[str, Any] = {"result": [], "score": 0.0, "model_version": version}
     if not tasks:
         return empty
+    prompts = [p for p in context.get("result", []) if isinstance(p, dict)]
+    spatial = [p for p in prompts if p.get("type") in SPATIAL]
+    others = [p for p in prompts if p.get("type") not in SPATIAL]
     try:
         cache = connections.features(services.settings.ml_feature_cache_mb << 20)
         predictor = connections.predictor(services)
-        features = encoded(services, cache, client, tasks[0], config, predictor, version)
+        key, features = encoded(services, cache, client, tasks[0], config, predictor, version)
+        found = candidates(services, cache, key, predictor, features, config) if spatial else []
     except Exception as err:  # noqa: BLE001 - reported; the editor gets no suggestion
         log.warning("task %s: %s", tasks[0].get("id"), err)
         return empty
     settings = PrelabelSettings(polygon_tolerance=services.settings.ls_polygon_tolerance)
-    prompts = [p for p in context.get("result", []) if isinstance(p, dict)]
-    spatial = [p for p in prompts if p.get("type") in SPATIAL]
-    others = [p for p in prompts if p.get("type") not in SPATIAL]
     with services.model_lock:
         answer = interactive(predictor, features, config, {"result": others}, version, settings, mapping=mapping) \
             if others else dict(empty)
         if spatial:
-            answer["result"] = [*answer["result"], *session_region(predictor, features, config, spatial,
+            answer["result"] = [*answer["result"], *session_region(predictor, features, found, config, spatial,
                                                                    settings, mapping)]
     answer["result"] = [dict(r, id=f"xd{i}") for i, r in enumerate(answer["result"])]
     answer["score"] = max((r.get("score", 0.0) for r in answer["result"]), default=0.0)
@@ -198,13 +285,13 @@ def combine(candidates: Sequence[LabelledRegion], prompts: Sequence[Mapping[str,
     return mask, used
 
 
-def session_region(predictor: Predictor, features: Features, config: LabelingConfig,
-                   prompts: Sequence[Mapping[str, Any]], settings: PrelabelSettings,
+def session_region(predictor: Predictor, features: Features, found: Sequence[LabelledRegion],
+                   config: LabelingConfig, prompts: Sequence[Mapping[str, Any]], settings: PrelabelSettings,
                    mapping: Mapping[str, str] | None) -> list[Result]:
-    """The session's one region, in the project's tool for its label."""
+    """The session's one region over the image's candidates ``found``, in the project's tool for
+    its label."""
     (height, width) = features.images[0].geometry.original
-    candidates = regions(predictor, features, replace(config, task="instance", stuff=frozenset()))[0]
-    mask, used = combine(candidates, prompts, height, width)
+    mask, used = combine(found, prompts, height, width)
     if not mask.any() or int(mask.sum()) < settings.min_area:
         return []
     named = next((p["value"][p["type"]][0] for p in prompts
