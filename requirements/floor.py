@@ -6,7 +6,8 @@
 2. That set is installed into ``.venv-floor`` (kept while the resolution is unchanged, so reruns are cheap;
    uv's cache makes a rebuild quick), with pytest and the project itself.
 3. In it every direct dependency is imported and the tokenizer and parity tests run: the official tokenizer
-   ids, the bicubic preprocessing and a forward pass of the model against the golden outputs.
+   ids, the bicubic preprocessing and a forward pass of the model against the golden outputs; also BLEU-4
+   (sacrebleu) and video sampling of real encoded files (PyAV).
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-floor"
 FIND_LINKS = "/opt/wheels"
-TESTS = ["tests/test_tokenizer.py", "tests/test_parity.py", "tests/test_bleu.py"]
+# PyAV's floor is exercised by encoding and sampling real mp4/mkv/webm/mov files (no database needed).
+TESTS = ["tests/test_tokenizer.py", "tests/test_parity.py", "tests/test_bleu.py",
+         "tests/test_video_ingest.py::test_fps_and_every_n_sample_the_expected_timestamps",
+         "tests/test_video_ingest.py::test_scene_sampling_skips_static_stretches"]
 # Import names that differ from the distribution names.
 MODULES = {"pillow": "PIL", "faiss-cpu": "faiss", "psycopg": "psycopg", "pycocotools": "pycocotools.mask",
            "scikit-image": "skimage", "python-multipart": "multipart", "pydantic-settings": "pydantic_settings",
