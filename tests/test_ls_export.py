@@ -174,3 +174,13 @@ def test_live_and_stored_exports_agree_and_round_trip(label_studio: LocalLabelSt
 @pytest.fixture(autouse=True)
 def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_colliding_file_names_are_made_unique_by_task_id() -> None:
+    """Two tasks whose URLs end in the same name; a third of its own. The URL stays in coco_url."""
+    urls = {3: "/data/upload/1/x.png", 5: "https://cdn.example.com/a/x.png", 7: "/data/local-files/?d=p/y.png"}
+    ball = brush_result(_disk(20, 20, 6), "Ball", "mask", "image")
+    tasks = [{"id": t, "data": {"image": u}, "annotations": [{"id": t, "result": [ball]}]} for t, u in urls.items()]
+    coco = to_coco(tasks, parse_labeling_config(CONFIG))
+    assert [(i["file_name"], i["coco_url"]) for i in coco["images"]] == [
+        ("3-x.png", urls[3]), ("5-x.png", urls[5]), ("p/y.png", urls[7])]

@@ -249,3 +249,18 @@ def test_each_object_is_one_region_per_control_and_each_mask_has_one_label(bundl
         assert all(r["found"] == bool(r["regions"] or r["under_threshold"]) for r in summary)
         assert not next(r for r in summary if r["control"] == "poly" and r["label"] == "Circle")["found"]
     assert set(STUFF) <= set(CLASSES)
+
+
+def test_label_map_and_routing_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """XDLABEL_LS_LABEL_MAP (JSON, phrase -> label) adds a prompt for that label, routed to it;
+    XDLABEL_LS_ROUTING=every sends a region to every control holding its label."""
+    from xdlabel.settings import Settings
+
+    monkeypatch.setenv("XDLABEL_LS_LABEL_MAP", '{"lorry": "car"}')
+    monkeypatch.setenv("XDLABEL_LS_ROUTING", "every")
+    settings = Settings()
+    assert settings.ls_label_map == {"lorry": "car"} and settings.ls_routing == "every"
+    config = parse_labeling_config(README_CONFIG, mapping=settings.ls_label_map, routing=settings.ls_routing)
+    assert [(t.from_name, label) for t, label in config.routes["lorry"]] == [
+        ("mask", "Car"), ("poly", "Car"), ("box", "Car")]
+    assert match_phrase("Lorry", config.targets[0].vocabulary).label == "Car"  # exact, case-insensitive

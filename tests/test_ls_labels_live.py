@@ -14,15 +14,18 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as photos
 
 from annotator.client import LabelStudioClient
 from annotator.convert import result_label, result_to_mask
 from annotator.localserver import LocalLabelStudio
+from annotator.prelabel import PrelabelSettings
 from annotator.project import PrelabelOptions, prelabel_project
+from bench.ls_walkthrough import CONFIG
 from index.db import make_engine, make_session_factory, upgrade
 from tests.test_ls_labels import SHAPES_CONFIG, bundled  # noqa: F401 - the model fixture
 from xdecoder import Predictor
-from xdecoder.training.synthetic import make_scenes
+from xdecoder.training.synthetic import CLASSES, make_scenes
 
 VERSION = "shapes-v1"
 
@@ -148,3 +151,67 @@ def test_cli_reports_a_wrong_token_or_project_before_loading_the_model_and_print
     table = done.stdout[done.stdout.index("control:label"):].splitlines()
     assert table[1].split()[0] == "mask:Ball" and any(line.startswith("never found: ") for line in table)
     assert "poly:Circle" in next(line for line in table if line.startswith("never found: "))
+
+
+def _box_of(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = np.zeros_like(mask)
+    if rows.size:
+        box[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = True
+    return box
+
+
+def test_every_region_carries_the_label_a_person_would_pick_on_photos_and_shapes(
+        ls_client: LabelStudioClient, label_studio: LocalLabelStudio, bundled: Predictor,  # noqa: F811
+        sessions) -> None:  # type: ignore[no-untyped-def]
+    """The README's walkthrough config (bench/ls_walkthrough.py) in a real Label Studio on a project of 6
+    seeded shape scenes and 3 photos (scikit-image's coffee, chelsea and astronaut, scaled to 160 px wide),
+    pre-labelled as the config asks (panoptic). On the shape scenes, every region Label Studio holds
+    carries the label a person would pick for the object under it: the label of the scene's true class
+    covering most of a mask (for a box, the object whose bounding box it overlaps most). On every image,
+    a region sits only in its label's tool (Ball and the ground brushed, Box a polygon, Triangle a box),
+    and no control shows one object twice."""
+    title = "photos-and-shapes"
+    folder = label_studio.files_root / title
+    folder.mkdir(parents=True)
+    scenes = make_scenes(6, seed=11, size=(160, 128))
+    for k, scene in enumerate(scenes):
+        Image.fromarray(scene.image).save(folder / f"s{k}.png")
+    names = [f"s{k}.png" for k in range(len(scenes))]
+    for name in ("coffee", "chelsea", "astronaut"):
+        image = Image.fromarray(getattr(photos, name)())
+        image.resize((160, round(160 * image.height / image.width))).save(folder / f"{name}.png")
+        names.append(f"{name}.png")
+    project = ls_client.sdk.projects.create(title=title, label_config=CONFIG)
+    ls_client.sdk.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
+    task_ids = list(ls_client.sdk.projects.import_tasks(id=project.id, return_task_ids=True, request=[
+        {"data": {"image": f"/data/local-files/?d={title}/{name}"}} for name in names]).task_ids)
+    report = prelabel_project(bundled, ls_client, sessions, project.id, VERSION,
+                              PrelabelOptions(prelabel=PrelabelSettings(captions=False)))
+    assert report.predicted == len(names) and report.delivery.delivered == len(names)
+    held = stored(ls_client, project.id)
+    person = {"circle": "Ball", "square": "Box", "triangle": "Triangle", "sky": "Sky", "grass": "Grass",
+              "sand": "Sand", "water": "Water"}
+    tool = {"Ball": "mask", "Sky": "mask", "Grass": "mask", "Sand": "mask", "Water": "mask", "Box": "poly",
+            "Triangle": "box"}
+    checked = 0
+    for k, task_id in enumerate(task_ids):
+        (prediction,) = held[task_id]
+        by_control: dict[str, list[np.ndarray]] = {}
+        for result in prediction["result"]:
+            label, mask = result_label(result), result_to_mask(result)
+            assert mask is not None and tool[str(label)] == result["from_name"], (names[k], result["from_name"], label)
+            for other in by_control.get(result["from_name"], []):
+                assert (mask & other).sum() < 0.8 * (mask | other).sum(), f"{names[k]}: one object twice"
+            by_control.setdefault(result["from_name"], []).append(mask)
+            if k >= len(scenes):
+                continue
+            scene = scenes[k]
+            if result["type"] == "rectanglelabels":
+                truth = max(scene.segments, key=lambda s: (_box_of(scene.mask(s.id)) & mask).sum()
+                            / (_box_of(scene.mask(s.id)) | mask).sum())
+            else:
+                truth = max(scene.segments, key=lambda s: (scene.mask(s.id) & mask).sum())
+            assert label == person[CLASSES[truth.category_id]], (names[k], label, CLASSES[truth.category_id])
+            checked += 1
+    assert checked >= 2 * len(scenes)  # at least the sky and the ground of every scene
