@@ -137,20 +137,22 @@ def _search_moments(args: argparse.Namespace, services: Any) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    from xdlabel.outputs import parse_outputs
+
+    settings = settings_of(args)
+    outputs = parse_outputs(settings.ingest_outputs if args.outputs is None else args.outputs)  # before torch loads
+
     from pathlib import Path
 
     from tqdm import tqdm
 
     from index.db import upgrade
     from xdlabel.ingest import IngestPipeline, IngestReport, LabelStudioPush
-    from xdlabel.outputs import parse_outputs
     from xdlabel.services import Services
     from xdlabel.sources import items_from
     from xdlabel.video import Sampling
     from xdlabel.video_ingest import VideoPipeline, merge_reports, split_videos
 
-    settings = settings_of(args)
-    outputs = parse_outputs(settings.ingest_outputs if args.outputs is None else args.outputs)  # before any load
     upgrade(settings.sqlalchemy_url)
     services = Services(settings)
     push = LabelStudioPush.from_settings(settings, services.model_version_name)
