@@ -37,10 +37,11 @@ from xdecoder.postprocess import (
     semantic_scores,
     uncertainty,
 )
+from xdecoder.preprocess import PredictorSettings, compute_dtype, prepare, preprocessing, size_groups
 from xdecoder.prompts import class_prompts
 from xdecoder.results import GroundingResult, InstanceResult, PanopticResult, Region, Segment, SemanticResult
 from xdecoder.tokenizer import BOS_ID, EOS_ID, ClipTokenizer
-from xdecoder.transforms import ImageGeometry, ImageInput, pad_batch, padded_shape, resize, to_rgb
+from xdecoder.transforms import ImageGeometry, ImageInput, pad_batch
 
 BACKGROUND = "background"  # the no-object class, embedded like any other name (SPEC §5)
 
@@ -72,41 +73,6 @@ class Features:
 
     def __iter__(self) -> Iterator[EncodedImage]:
         return iter(self.images)
-
-
-@dataclass
-class PredictorSettings:
-    short_side: int = 512  # official demos: Resize(512), bicubic
-    max_size: int | None = None  # torchvision's long-side cap; None as in the official demos
-    # Resized pixels at most (the encode's memory grows with them): 512 x 8192, so at short side 512 an
-    # aspect ratio up to 16:1 resizes exactly as the official demos (no limit there); past it the image is
-    # scaled down to this area and outputs differ from the official code's.
-    max_pixels: int | None = 512 * 8192
-    object_mask_threshold: float | None = None  # None: the model config's (0.8)
-    overlap_threshold: float | None = None
-    # A region's score is objectness x mean mask probability inside its mask (see region_embeddings);
-    # 0.5 keeps regions whose mask is confident and that are more likely an object than background.
-    region_min_score: float = 0.5
-    region_vocabulary: tuple[str, ...] = ("object",)  # the classes objectness is measured against
-    region_nms_iou: float = 0.8
-    max_regions: int = 20
-    caption_steps: int | None = None  # None: the model config's (50 for released models)
-    class_cache_size: int = 10_000  # class-name embeddings kept (least recently used dropped first)
-
-
-def compute_dtype(device: str | torch.device | None) -> torch.dtype:
-    """What the predictor computes in on ``device``: float32 on the CPU, bf16 (or fp16 where bf16 is
-    missing) autocast on CUDA. Known without building a model, so a version key can name it."""
-    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def preprocessing(settings: PredictorSettings, dtype: torch.dtype) -> dict[str, object]:
-    """Everything besides config and weights that decides a vector: part of a model version's key."""
-    return {"short_side": settings.short_side, "max_size": settings.max_size, "max_pixels": settings.max_pixels,
-            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _box(row: Tensor) -> tuple[float, float, float, float]:
@@ -165,19 +131,10 @@ class Predictor:
         """
         if not isinstance(images, Sequence) or isinstance(images, np.ndarray):
             images = [images]
-        s = self.settings
-        prepared = []
-        for image in images:
-            rgb = to_rgb(image)
-            small = resize(rgb, s.short_side, s.max_size, s.max_pixels)
-            prepared.append((ImageGeometry(rgb.shape[:2], small.shape[:2]), small))
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (geometry, _) in enumerate(prepared):
-            key = (0, 0) if pad_together else padded_shape(geometry.resized, SIZE_DIVISIBILITY)
-            groups.setdefault(key, []).append(i)
+        prepared = prepare(images, self.settings)
         encoded: list[EncodedImage | None] = [None] * len(prepared)
         with self._context():
-            for members in groups.values():
+            for members in size_groups([geometry for geometry, _ in prepared], pad_together):
                 pixels = pad_batch([self.model.normalize(
                     torch.from_numpy(prepared[i][1]).permute(2, 0, 1).to(self.device))
                     for i in members], SIZE_DIVISIBILITY).contiguous(memory_format=torch.channels_last)
@@ -480,5 +437,5 @@ class Predictor:
 
 __all__ = [
     "EncodedImage", "Features", "GroundingResult", "InstanceResult", "PanopticResult",
-    "Predictor", "PredictorSettings", "Region", "Segment", "SemanticResult",
+    "Predictor", "PredictorSettings", "Region", "Segment", "SemanticResult", "compute_dtype", "preprocessing",
 ]
