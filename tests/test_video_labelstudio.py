@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from annotator.client import LabelStudioClient
 from annotator.localserver import LocalLabelStudio
 from annotator.video_tracks import box_iou, ls_frame
+from tests.test_search_page import CHROMIUM, FLAGS
 from tests.videoclips import Clip, red_circle_clip
 
 FRAME_RATE = 10
@@ -58,17 +60,24 @@ def video_project(label_studio: LocalLabelStudio, tmp_path_factory: pytest.TempP
     return client, project.id, list(imported.task_ids), clip
 
 
-def test_prelabel_pushes_tracks_that_follow_the_moving_shapes(video_project, label_studio: LocalLabelStudio,
-                                                              tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    client, project_id, (task_id, missing_id), clip = video_project
-    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path / "data"), "XDLABEL_LS_URL": label_studio.url,
+@pytest.fixture(scope="module")
+def prelabelled(video_project, label_studio: LocalLabelStudio, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """`xdlabel prelabel` run once as a process on the video project; its JSON report."""
+    client, project_id, _, _ = video_project
+    env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path_factory.mktemp("data")), "XDLABEL_LS_URL": label_studio.url,
            "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_SHORT_SIDE": "64", "XDLABEL_CAPTION_STEPS": "2",
            "XDLABEL_LS_SCORE_THRESHOLD": "0.5", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "prelabel", "--project", str(project_id),
                            "--task", "ground", "--video-fps", "2", "--json"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    return {"report": json.loads(done.stdout), "env": env}
+
+
+def test_prelabel_pushes_tracks_that_follow_the_moving_shapes(video_project, prelabelled) -> None:  # type: ignore[no-untyped-def]
+    client, project_id, (task_id, missing_id), clip = video_project
+    report, env = prelabelled["report"], prelabelled["env"]
     assert report["predicted"] == 1 and report["delivered"] == 1 and report["pending"] == 0
     assert list(report["failed"]) == [str(missing_id)] and "missing.webm" in report["failed"][str(missing_id)]
 
@@ -94,8 +103,44 @@ def test_prelabel_pushes_tracks_that_follow_the_moving_shapes(video_project, lab
             checked += 1
     assert checked == 12 + 4  # the square on all 12 sampled frames, the circle on its 4 (2.0-3.5 s)
 
-    # Run again: the task holds this model version's prediction, so nothing is redone.
+    # Run again: the task holds this model version's prediction, so nothing is redone (nor the model loaded).
     again = subprocess.run([sys.executable, "-m", "xdlabel.cli", "prelabel", "--project", str(project_id),
-                            "--task", "ground", "--json"], env=env, capture_output=True, text=True, timeout=300)
+                            "--task", "ground", "--task-id", str(task_id), "--json"], env=env, capture_output=True,
+                           text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["skipped"] == 1
+
+
+def test_the_tracks_appear_in_the_label_studio_editor(video_project, prelabelled, label_studio: LocalLabelStudio,
+                                                       tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Headless Chromium logs into Label Studio and opens the task: the editor lists both regions, its
+    timeline holds one keypoint per keyframe of each track, and a click on the circle's second
+    keyframe moves the player to that frame (26 of 60: 2.5 s at 10 fps), where the box is drawn."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"Chromium not found at {CHROMIUM}: install Debian's chromium package (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    client, project_id, (task_id, _), _ = video_project
+    (task,) = [t for t in client.tasks(project_id) if t["id"] == task_id]
+    keyframes = {r["value"]["labels"][0]: len(r["value"]["sequence"]) for r in task["predictions"][0]["result"]}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(label_studio.url + "/user/login/")
+        page.fill("input[name=email]", label_studio.user)
+        page.fill("input[name=password]", label_studio.password)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{label_studio.url}/projects/{project_id}/data?task={task_id}")
+        page.wait_for_selector(".lsf-keypoints__point", timeout=60_000)
+        rows = {label: page.locator(".lsf-keypoints", has_text=label) for label in ("Circle", "Square")}
+        assert {label: row.locator(".lsf-keypoints__point").count() for label, row in rows.items()} == keyframes
+        rows["Circle"].locator(".lsf-keypoints__point").nth(1).click()
+        page.wait_for_function("document.querySelector('.lsf-frames-control').innerText.startsWith('26')",
+                               timeout=20_000)
+        assert "of 60" in page.locator(".lsf-frames-control").inner_text()
+        page.screenshot(path=str(tmp_path / "label-studio-video.png"))
+        if os.environ.get("XDLABEL_SCREENSHOTS"):
+            shutil.copy(tmp_path / "label-studio-video.png",
+                        Path(os.environ["XDLABEL_SCREENSHOTS"]) / "label-studio-video.png")
+        browser.close()
