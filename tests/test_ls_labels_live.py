@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from skimage import data as photos
 
-from annotator.client import LabelStudioClient
+from annotator.client import LabelStudioAuthError, LabelStudioClient
 from annotator.convert import result_label, result_to_mask
 from annotator.localserver import LocalLabelStudio
 from annotator.prelabel import PrelabelSettings
@@ -215,3 +215,18 @@ def test_every_region_carries_the_label_a_person_would_pick_on_photos_and_shapes
             assert label == person[CLASSES[truth.category_id]], (names[k], label, CLASSES[truth.category_id])
             checked += 1
     assert checked >= 2 * len(scenes)  # at least the sky and the ground of every scene
+
+
+def test_a_personal_access_token_works_as_xdlabel_ls_token(ls_client: LabelStudioClient,
+                                                           label_studio: LocalLabelStudio) -> None:
+    """The walkthrough's token step: a personal access token (what Account & Settings creates) reads the
+    project and its tasks like the legacy token; a made-up one is refused with the token named."""
+    project_id, task_ids = shapes_project(ls_client, label_studio, "pat", 1)
+    ls_client.sdk.jwt_settings.update(api_token_ttl_days=30, api_tokens_enabled=True, legacy_api_tokens_enabled=True)
+    token = ls_client.sdk.tokens.create().token
+    assert token and token != label_studio.token
+    personal = LabelStudioClient(label_studio.url, token)
+    assert personal.project(project_id)["id"] == project_id
+    assert [t["id"] for t in personal.tasks(project_id)] == task_ids
+    with pytest.raises(LabelStudioAuthError, match="XDLABEL_LS_TOKEN"):
+        LabelStudioClient(label_studio.url, token[:-4] + "abcd").project(project_id)
