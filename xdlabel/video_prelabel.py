@@ -34,8 +34,8 @@ def prelabel_video_command(args: argparse.Namespace, settings: Settings, client:
     every_n = getattr(args, "video_every_n", None)
     sampling = Sampling(every_n=every_n) if every_n else Sampling(fps=getattr(args, "video_fps", 2.0))
     video = VideoOptions(sampling=sampling, mode="instance" if options.task == "auto" else options.task,
-                         limits=VideoLimits(max_seconds=settings.max_video_seconds,
-                                            max_frames=settings.max_video_frames),
+                         limits=VideoLimits(settings.max_image_pixels, settings.max_video_seconds,
+                                            settings.max_video_frames),
                          max_video_bytes=settings.max_video_bytes)
     from index.db import upgrade
     from xdlabel.services import Services
