@@ -489,7 +489,7 @@ def test_webhook_bodies_of_the_wrong_shape_are_4xx(api) -> None:  # type: ignore
     r = ml.post("/ml/webhook", json={"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 41}], "project": project})
     assert r.status_code == 200 and r.json()["annotations"] == [41]
     r = ml.post("/ml/webhook", json={"action": "START_TRAINING", "project": project})
-    assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+    assert r.status_code == 200 and r.json()["status"] == "training", r.text
     with services.sessions() as session:
         assert session.scalar(select(Annotation).where(Annotation.ls_annotation_id == 41)).deleted_at is not None
     ml.close()
