@@ -28,7 +28,7 @@ from tests.conftest import Server
 from xdecoder.predictor import EncodedImage, Features
 from xdecoder.transforms import ImageGeometry
 from xdlabel.api import ml_interactive
-from xdlabel.api.ml_interactive import FeatureCache, combine, features_bytes, interactive_answer
+from xdlabel.api.ml_interactive import FeatureCache, _latest_text, combine, features_bytes, interactive_answer
 from xdlabel.api.ml_setup import Connections, labeling_config
 from xdlabel.services import Services
 from xdlabel.settings import Settings
@@ -102,6 +102,15 @@ def test_a_box_adds_the_candidate_it_overlaps_most_cut_to_the_box() -> None:
         assert len(used) == 1 and mask.any() and not (mask & ~inside).any()
         iou = [(c.mask & inside).sum() / (c.mask | inside).sum() for c in candidates]
         assert (used[0].mask & inside).sum() / (used[0].mask | inside).sum() == max(iou)
+
+
+def test_a_textarea_prompt_is_its_latest_submission() -> None:
+    """The editor sends every phrase typed so far in the annotation; the newest is the prompt."""
+    sent = {"type": "textarea", "value": {"text": ["ball", "the sky", "  "]}, "from_name": "prompt"}
+    assert _latest_text(sent) == dict(sent, value={"text": ["the sky"]})
+    assert _latest_text({"type": "textarea", "value": {"text": ["ball"]}})["value"]["text"] == ["ball"]
+    click = {"type": "keypointlabels", "value": {"x": 1, "y": 2}}
+    assert _latest_text(click) is click
 
 
 def _features(nbytes: int) -> Features:

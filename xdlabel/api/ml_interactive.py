@@ -202,7 +202,7 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
         return empty
     prompts = [p for p in context.get("result", []) if isinstance(p, dict)]
     spatial = [p for p in prompts if p.get("type") in SPATIAL]
-    others = [p for p in prompts if p.get("type") not in SPATIAL]
+    others = [_latest_text(p) for p in prompts if p.get("type") not in SPATIAL]
     try:
         cache = connections.features(services.settings.ml_feature_cache_mb << 20)
         predictor = connections.predictor(services)
@@ -221,6 +221,19 @@ def interactive_answer(services: Services, connections: Connections, client: Lab
     answer["result"] = [dict(r, id=f"xd{i}") for i, r in enumerate(answer["result"])]
     answer["score"] = max((r.get("score", 0.0) for r in answer["result"]), default=0.0)
     return answer
+
+
+def _latest_text(prompt: dict[str, Any]) -> dict[str, Any]:
+    """A TextArea prompt with its last submission only: the editor sends every phrase typed so far
+    in the annotation, and only the newest is the prompt."""
+    value = prompt.get("value")
+    if prompt.get("type") != "textarea" or not isinstance(value, dict):
+        return prompt
+    texts = value.get("text")
+    if not isinstance(texts, list) or len(texts) < 2:
+        return prompt
+    latest = next((t for t in reversed(texts) if isinstance(t, str) and t.strip()), texts[-1])
+    return dict(prompt, value=dict(value, text=[latest]))
 
 
 def _point(value: Mapping[str, Any], height: int, width: int) -> tuple[int, int]:
