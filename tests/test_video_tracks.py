@@ -110,3 +110,11 @@ def test_a_track_becomes_keyframes_that_end_where_it_ends() -> None:
 def test_caption_segments_join_runs_of_one_caption() -> None:
     lines = caption_segments([0.0, 0.5, 1.0, 1.5], ["a", "a", "b", "a"], 2.0)
     assert lines == ["0.0–1.0 s: a", "1.0–1.5 s: b", "1.5–2.0 s: a"]
+
+
+def test_the_readme_shows_the_video_config_the_live_test_uses() -> None:
+    from pathlib import Path
+
+    from tests.test_video_labelstudio import CONFIG as LIVE
+
+    assert LIVE in (Path(__file__).resolve().parents[1] / "README.md").read_text()
