@@ -52,6 +52,7 @@ CONFIG = """<View>
   <TextArea name="caption" toName="image"/>
   <TextArea name="prompt" toName="image" smart="true"/>
 </View>"""
+SCENES: dict[str, Any] = {"count": 20, "seed": 5, "size": (160, 128)}  # make_scenes' arguments (--tasks: count)
 
 
 def xdlabel(env: dict[str, str], *args: str) -> tuple[float, float, dict[str, Any]]:
@@ -75,7 +76,7 @@ def predictions_of(client: LabelStudioClient, project_id: int) -> dict[int, list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--tasks", type=int, default=SCENES["count"])
     args = parser.parse_args()
     times: list[tuple[str, float, float | None]] = []  # step, wall seconds, CPU seconds (xdlabel's)
     load_before = os.getloadavg()[0]
@@ -89,7 +90,7 @@ def main() -> None:
             start = time.perf_counter()
             folder = server.files_root / "shapes"
             folder.mkdir(parents=True)
-            for k, scene in enumerate(make_scenes(args.tasks, seed=5, size=(160, 128))):
+            for k, scene in enumerate(make_scenes(**{**SCENES, "count": args.tasks})):
                 Image.fromarray(scene.image).save(folder / f"scene{k:03d}.png")
             project = client.sdk.projects.create(title="shapes", label_config=CONFIG)
             assert project.id is not None

@@ -8,6 +8,7 @@ matching by meaning uses. Random trials are seeded and say how many they run.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,9 @@ import pytest
 from annotator.convert import result_label, result_to_mask
 from annotator.labeling import parse_labeling_config
 from annotator.prelabel import LabelTally, PrelabelSettings, predictions, regions
+from annotator.project import PrelabelReport, label_summary
 from annotator.vocabulary import DEFAULT_MARGIN, Vocabulary, match_phrase, model_text_encoder
+from bench.ls_walkthrough import CONFIG, SCENES
 from xdecoder import Predictor, build_model, load_checkpoint
 from xdecoder.predictor import PredictorSettings
 from xdecoder.training.synthetic import CLASSES, STUFF, make_scenes
@@ -162,6 +165,11 @@ def test_the_readme_config_makes_no_duplicate_classes_and_scopes_its_thresholds(
     assert [dict(t.thresholds) for t in scoped.targets] == [{"Car": 0.6, "Road": 0.4}, {"Car": 0.6}, {"Car": 0.9}]
     assert scoped.warnings == ("threshold for 'Bus': no control has that label",
                                "threshold for 'poly:Road': no control has that label")
+    # the label's model_score_threshold over its control's
+    boxed = parse_labeling_config(README_CONFIG.replace(
+        '<RectangleLabels name="box" toName="image">',
+        '<RectangleLabels name="box" toName="image" model_score_threshold="0.2"><Label value="Road"/>'))
+    assert dict(boxed.targets[2].thresholds) == {"Car": 0.7, "Road": 0.2}
     forced = parse_labeling_config(README_CONFIG, thresholds={"box:Car": 0.9}, override=0.25)
     assert all(v == 0.25 for t in forced.targets for v in t.thresholds.values())
     mapped = parse_labeling_config(README_CONFIG, mapping={"lorry": "car", "zebra": "Horse"})
@@ -264,3 +272,18 @@ def test_label_map_and_routing_settings_come_from_the_environment(monkeypatch: p
     assert [(t.from_name, label) for t, label in config.routes["lorry"]] == [
         ("mask", "Car"), ("poly", "Car"), ("box", "Car")]
     assert match_phrase("Lorry", config.targets[0].vocabulary).label == "Car"  # exact, case-insensitive
+
+
+def test_the_readme_walkthrough_shows_the_config_and_summary_its_script_runs(bundled: Predictor) -> None:
+    """README's "Label Studio for teams" shows bench/ls_walkthrough.py's config, and the per-label table
+    `xdlabel prelabel` prints for its 20 scenes, computed here with the same model and settings."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert CONFIG in readme
+    config = parse_labeling_config(CONFIG)
+    scenes = make_scenes(**SCENES)
+    tally = LabelTally()
+    for start in range(0, len(scenes), 4):  # the command's batches
+        features = bundled.encode([s.image for s in scenes[start:start + 4]])
+        predictions(bundled, features, config, "v", PrelabelSettings(captions=False), tally=tally)
+    table = label_summary(PrelabelReport(predicted=len(scenes), labels=tally.summary(config)))
+    assert table in readme, table
