@@ -28,7 +28,15 @@ from tests.conftest import Server
 from xdecoder.predictor import EncodedImage, Features
 from xdecoder.transforms import ImageGeometry
 from xdlabel.api import ml_interactive
-from xdlabel.api.ml_interactive import FeatureCache, _latest_text, combine, features_bytes, interactive_answer
+from xdlabel.api.ml_interactive import (
+    URL_SECONDS,
+    FeatureCache,
+    _latest_text,
+    combine,
+    features_bytes,
+    interactive_answer,
+)
+from xdlabel.api.ml_predict import PREDICT_CHUNK
 from xdlabel.api.ml_setup import Connections, labeling_config
 from xdlabel.services import Services
 from xdlabel.settings import Settings
@@ -111,6 +119,15 @@ def test_a_textarea_prompt_is_its_latest_submission() -> None:
     assert _latest_text({"type": "textarea", "value": {"text": ["ball"]}})["value"]["text"] == ["ball"]
     click = {"type": "keypointlabels", "value": {"x": 1, "y": 2}}
     assert _latest_text(click) is click
+
+
+def test_the_ml_backend_defaults_the_readme_states() -> None:
+    """README's ML backend section quotes these: Label Studio's ML_TIMEOUT_PREDICT default (100 s),
+    the predict budget (60 s), chunks of 4, a 512 MB feature cache, image URLs trusted 10 minutes."""
+    fields = Settings.model_fields
+    assert (fields["ml_timeout_predict"].default, fields["ml_predict_budget"].default) == (100.0, 60.0)
+    assert fields["ml_feature_cache_mb"].default == 512
+    assert (PREDICT_CHUNK, URL_SECONDS) == (4, 600.0)
 
 
 def _features(nbytes: int) -> Features:
