@@ -21,20 +21,27 @@ import torch
 from PIL import Image, ImageDraw
 
 from annotator.client import LabelStudioClient
+from annotator.convert import result_to_mask
+from annotator.labeling import parse_labeling_config
 from annotator.localserver import LocalLabelStudio
-from annotator.prelabel import LabelledRegion
+from annotator.prelabel import LabelledRegion, PrelabelSettings
 from index.db import upgrade
 from tests.conftest import Server
 from xdecoder.predictor import EncodedImage, Features
-from xdecoder.transforms import ImageGeometry
+from xdecoder.transforms import ImageGeometry, read_image
 from xdlabel.api import ml_interactive
 from xdlabel.api.ml_interactive import (
+    CANDIDATE_PIXELS,
     URL_SECONDS,
     FeatureCache,
     _latest_text,
+    candidate_grid,
+    candidates,
     combine,
     features_bytes,
     interactive_answer,
+    session_region,
+    to_size,
 )
 from xdlabel.api.ml_predict import PREDICT_CHUNK
 from xdlabel.api.ml_setup import Connections, labeling_config
@@ -128,6 +135,37 @@ def test_the_ml_backend_defaults_the_readme_states() -> None:
     assert (fields["ml_timeout_predict"].default, fields["ml_predict_budget"].default) == (100.0, 60.0)
     assert fields["ml_feature_cache_mb"].default == 512
     assert (PREDICT_CHUNK, URL_SECONDS) == (4, 600.0)
+
+
+def test_to_size_is_nearest_pixel_and_the_grid_keeps_the_aspect() -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(100):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        k = int(rng.integers(1, 5))
+        mask = rng.random((h, w)) < 0.5
+        assert np.array_equal(to_size(mask, h * k, w * k), np.kron(mask, np.ones((k, k), bool)))
+        big = (int(rng.integers(1, 5000)), int(rng.integers(1, 5000)))
+        grid = candidate_grid(big)
+        assert grid[0] * grid[1] <= CANDIDATE_PIXELS + grid[0] + grid[1] and grid[0] <= big[0] and grid[1] <= big[1]
+        assert abs(grid[0] / grid[1] - big[0] / big[1]) <= big[0] / big[1] * (1 / grid[0] + 1 / grid[1])
+
+
+def test_a_click_on_a_large_image_is_made_on_the_grid_and_sized_to_the_image(tmp_path: Path) -> None:
+    """1600x1200 (past CANDIDATE_PIXELS): candidates on the smaller grid, the region at full size,
+    equal to the grid's combination brought up nearest-pixel."""
+    _scene_image(tmp_path / "big.png", 3, 1600, 1200)
+    services = Services(Settings(data_dir=tmp_path / "data"))
+    predictor = services.predictor
+    features = predictor.encode([read_image((tmp_path / "big.png").read_bytes(), 10 ** 8)[0]])
+    config = parse_labeling_config(CONFIG)
+    found = candidates(services, FeatureCache(64 << 20), "big", predictor, features, config)
+    grid = candidate_grid((1200, 1600))
+    assert found and all(c.mask.shape == grid for c in found) and grid[0] * grid[1] < 1200 * 1600
+    clicks = _clicks([(25.0, 45.0, True), (90.0, 10.0, False)])
+    (region,) = session_region(predictor, features, found, config, clicks, PrelabelSettings(), None)
+    assert (region["original_width"], region["original_height"]) == (1600, 1200)
+    expected = to_size(combine(found, clicks, *grid)[0], 1200, 1600)
+    assert np.array_equal(result_to_mask(region), expected)
 
 
 def _features(nbytes: int) -> Features:

@@ -31,12 +31,12 @@ from annotator.labeling import LabelingConfig, Target
 from annotator.prelabel import LabelledRegion, PrelabelSettings, interactive, region_results, regions
 from annotator.project import task_image_url
 from annotator.vocabulary import match_phrase, model_text_encoder
-from xdecoder.predictor import Predictor
+from xdecoder.predictor import Features, Predictor
 from xdecoder.transforms import read_image
 from xdlabel.services import Services
 
 if TYPE_CHECKING:
-    from xdecoder.predictor import EncodedImage, Features
+    from xdecoder.predictor import EncodedImage
     from xdlabel.api.ml_setup import Connections
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 
 URL_SECONDS = 600.0  # an image URL is taken to keep its bytes this long (a session's prompts)
 URLS_KEPT = 4096  # image URLs remembered (a few hundred bytes each)
+# Candidate masks are made on a grid of at most this many pixels, and a click's region is brought
+# to the image's size from it: the model's masks come from a quarter of its input (16 x 21 logits at
+# the bundled model's 64-pixel short side, 128 x 171 at 512), so a finer grid adds seconds, no detail.
+CANDIDATE_PIXELS = 1 << 19
 
 
 def features_bytes(image: EncodedImage) -> int:
@@ -173,20 +177,38 @@ def encoded(services: Services, cache: FeatureCache, client: LabelStudioClient, 
 
 def candidates(services: Services, cache: FeatureCache, key: str, predictor: Predictor, features: Features,
                config: LabelingConfig) -> list[LabelledRegion]:
-    """Every instance candidate of the image for the config's classes, kept bit-packed beside its
-    features: at full resolution they are the slow part of a click (seconds on a photo)."""
+    """Every instance candidate of the image for the config's classes, on a grid of at most
+    CANDIDATE_PIXELS, kept bit-packed beside its features: they are the slow part of a click."""
     names = hashlib.sha256("\n".join(config.class_names).encode()).hexdigest()[:16]
-    shape = features.images[0].geometry.original
+    image = features.images[0]
+    shape = candidate_grid(image.geometry.original)
+    on_grid = Features([replace(image, geometry=replace(image.geometry, original=shape))])
 
     def make() -> list[tuple[str, np.ndarray, float]]:
         with services.model_lock:
-            made = regions(predictor, features, replace(config, task="instance", stuff=frozenset()))[0]
+            made = regions(predictor, on_grid, replace(config, task="instance", stuff=frozenset()))[0]
         return [(c.label, np.packbits(c.mask, axis=None), c.score) for c in made]
 
     packed = cache.get_or_make(f"{key}:candidates:{names}", make, lambda v: sum(p.nbytes for _, p, _ in v) + 1)
     size = shape[0] * shape[1]
     return [LabelledRegion(label, np.unpackbits(bits, count=size).astype(bool).reshape(shape), score)
             for label, bits, score in packed]
+
+
+def candidate_grid(original: tuple[int, int]) -> tuple[int, int]:
+    """The (rows, cols) candidates are made at: the image's own, scaled down to CANDIDATE_PIXELS."""
+    (height, width) = original
+    scale = min(1.0, (CANDIDATE_PIXELS / max(height * width, 1)) ** 0.5)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def to_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``mask`` resized to (height, width), nearest pixel."""
+    if mask.shape == (height, width):
+        return mask
+    rows = np.arange(height) * mask.shape[0] // height
+    cols = np.arange(width) * mask.shape[1] // width
+    return mask[rows[:, None], cols[None, :]]
 
 
 SPATIAL = ("keypointlabels", "rectanglelabels")
@@ -301,10 +323,12 @@ def combine(candidates: Sequence[LabelledRegion], prompts: Sequence[Mapping[str,
 def session_region(predictor: Predictor, features: Features, found: Sequence[LabelledRegion],
                    config: LabelingConfig, prompts: Sequence[Mapping[str, Any]], settings: PrelabelSettings,
                    mapping: Mapping[str, str] | None) -> list[Result]:
-    """The session's one region over the image's candidates ``found``, in the project's tool for
-    its label."""
+    """The session's one region over the image's candidates ``found`` (combined on their grid,
+    then brought to the image's size), in the project's tool for its label."""
     (height, width) = features.images[0].geometry.original
-    mask, used = combine(found, prompts, height, width)
+    grid = found[0].mask.shape if found else (height, width)
+    mask, used = combine(found, prompts, *grid)
+    mask = to_size(mask, height, width)
     if not mask.any() or int(mask.sum()) < settings.min_area:
         return []
     named = next((p["value"][p["type"]][0] for p in prompts
