@@ -130,11 +130,12 @@ def test_a_textarea_prompt_is_its_latest_submission() -> None:
 
 def test_the_ml_backend_defaults_the_readme_states() -> None:
     """README's ML backend section quotes these: Label Studio's ML_TIMEOUT_PREDICT default (100 s),
-    the predict budget (60 s), chunks of 4, a 512 MB feature cache, image URLs trusted 10 minutes."""
+    the predict budget (60 s), chunks of 4, a 512 MB feature cache, image URLs trusted 10 minutes,
+    candidates on a grid of at most 2^19 pixels."""
     fields = Settings.model_fields
     assert (fields["ml_timeout_predict"].default, fields["ml_predict_budget"].default) == (100.0, 60.0)
     assert fields["ml_feature_cache_mb"].default == 512
-    assert (PREDICT_CHUNK, URL_SECONDS) == (4, 600.0)
+    assert (PREDICT_CHUNK, URL_SECONDS, CANDIDATE_PIXELS) == (4, 600.0, 2 ** 19)
 
 
 def test_to_size_is_nearest_pixel_and_the_grid_keeps_the_aspect() -> None:
