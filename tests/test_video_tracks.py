@@ -118,3 +118,39 @@ def test_the_readme_shows_the_video_config_the_live_test_uses() -> None:
     from tests.test_video_labelstudio import CONFIG as LIVE
 
     assert LIVE in (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_instance_mode_predicts_a_video_in_process(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The instance-head path end to end on the bundled model (no server): every detection carries a
+    label of the config and passes its threshold, and the prediction is well formed; a threshold
+    above every score leaves no track."""
+    from annotator.video_project import VideoOptions, detect, predict_video
+    from tests.videoclips import red_circle_clip
+    from xdlabel.services import Services
+    from xdlabel.settings import Settings
+    from xdlabel.video import Sampling
+
+    clip = red_circle_clip(tmp_path / "a.webm", seconds=3.0, appear=1.0, leave=2.0)
+    services = Services(Settings(data_dir=tmp_path / "data", short_side=64, caption_steps=2))
+    predictor = services.predictor
+    config = parse_video_config(CONFIG.replace(' model_score_threshold="0.6"', ""), default_threshold=0.2)
+    data = clip.path.read_bytes()
+    options = VideoOptions(sampling=Sampling(fps=2), mode="instance", frames_per_batch=3)
+    prediction = predict_video(predictor, data, config, "v", options)
+    tracks = [r for r in prediction["result"] if r["type"] == "videorectangle"]
+    (caption,) = [r for r in prediction["result"] if r["type"] == "textarea"]
+    assert caption["from_name"] == "caption" and caption["value"]["text"][0].startswith("0.0–")
+    assert tracks  # the weak instance head of the bundled model still proposes regions over 0.2
+    for r in tracks:
+        assert r["value"]["labels"][0] in ("Circle", "Square") and r["score"] >= 0.2
+        assert len(r["value"]["sequence"]) >= 2 and r["value"]["sequence"][-1]["enabled"] is False
+        assert all(0 <= k["x"] <= 100 and 0 < k["width"] <= 100 for k in r["value"]["sequence"])
+    frames = [np.zeros((128, 160, 3), np.uint8) + 90]
+    found = detect(predictor, predictor.encode(frames), config, "instance")
+    assert all(d.label in ("Circle", "Square") and d.score >= 0.2 for d in found[0])
+    strict = parse_video_config(CONFIG, default_threshold=1.01)  # Circle keeps its own 0.6 from the config
+    assert all(d.label == "Circle" and d.score >= 0.6 for frame in detect(
+        predictor, predictor.encode(frames), strict, "instance") for d in frame)
+    assert not predict_video(predictor, data, parse_video_config(CONFIG, override=1.01), "v",
+                             options, captions=False)["result"]
+    services.close()
