@@ -4,8 +4,9 @@ A uvicorn server over a SQLite store of bench/realistic.py vectors (the model's 
 16 and 64 client threads, each connected before the clock starts, post /v1/search/text for a
 fixed time, with repeated texts (8 texts reused) and distinct texts (a new text every request).
 Each is run twice in the same process: as shipped (query-text cache + micro-batched encodes) and
-as a baseline with both off (cache size 0, no batching window: one model call per request, the
-previous behaviour). Clients and server share this process (and its GIL) and the machine.
+as a baseline with both off (cache size 0, no batching window, batches of one: a model call per
+request, except that identical texts in flight at once still share one). Clients and server
+share this process (and its GIL) and the machine.
 """
 
 from __future__ import annotations

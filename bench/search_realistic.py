@@ -1,7 +1,7 @@
 """The peer table on bench/realistic.py's set: same vectors, same queries, same run.
 
 Rows: raw FAISS (flat, IVF at the nprobe xdlabel's calibration picks, HNSW, IVF-PQ with exact
-re-rank), hnswlib and LanceDB when installed (``pip install 'xdlabel[bench]'``; skipped with a
+re-rank), hnswlib (``pip install 'xdlabel[bench]'``) and LanceDB when installed (skipped with a
 message otherwise), xdlabel's VectorIndex at its default (recall target 0.95, no hand-set
 parameter) and its 1 % and 10 % filtered searches, then the store over SQLite and PostgreSQL
 (bench/search_store.py: build from SQL, searches, filters through SQL, restart).
@@ -165,7 +165,8 @@ def peers(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, truth: np.ndarray
     try:
         import lancedb
     except ImportError:
-        print("lancedb not installed (pip install 'xdlabel[bench]'): no LanceDB row", flush=True)
+        print("lancedb not installed (optional, not in the bench extra: pip install lancedb pyarrow): no LanceDB row",
+              flush=True)
     else:
         import pyarrow as pa
 
@@ -195,4 +196,4 @@ def print_table(rows: list[Row]) -> None:
     print("-" * len(header))
     for r in rows:
         print(f"{r['n']:>8}  {r['path']:<68}{r['build_s']:>9.1f}{r['mem_mb']:>9.0f}{r['p50_ms']:>8.2f}"
-              f"{r['p99_ms']:>8.2f}{r['qps']:>8.0f}{r['recall']:>7.3f}  {r.get('note', '')}")
+              f"{r['p99_ms']:>8.2f}{r['qps']:>8.0f}{r['recall']:>7.3f}  {r.get('note', '')}".rstrip())
