@@ -46,14 +46,16 @@ class LabelTally:
 
     def summary(self, config: LabelingConfig) -> list[dict[str, Any]]:
         """One row per control and label, in config order; ``found`` is False for labels the
-        model never proposed (no region, not even under the threshold)."""
+        model never proposed (no region, not even under the threshold); ``routed`` is False where
+        routing sends no class at all (the label's tool is another control), so none is expected."""
+        routed = {(t.from_name, label) for routes in config.routes.values() for t, label in routes}
         rows = []
         for t in config.targets:
             for label in t.labels:
                 key = (t.from_name, label)
                 rows.append({"control": t.from_name, "label": label, "regions": self.made[key],
                              "under_threshold": self.under[key], "threshold": t.thresholds.get(label),
-                             "found": bool(self.made[key] or self.under[key])})
+                             "found": bool(self.made[key] or self.under[key]), "routed": key in routed})
         return rows
 
 

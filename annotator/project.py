@@ -192,7 +192,7 @@ def describe(report: PrelabelReport) -> dict[str, Any]:
 
 def label_summary(report: PrelabelReport) -> str:
     """The per-label table printed at the end of a run: regions made, dropped under the threshold,
-    and the labels the model never proposed."""
+    the labels the model never proposed, and apart from them those routing sends nothing to."""
     if not report.labels:
         return ""
     width = max(len(f"{r['control']}:{r['label']}") for r in report.labels)
@@ -200,8 +200,11 @@ def label_summary(report: PrelabelReport) -> str:
     for r in report.labels:
         name = f"{r['control']}:{r['label']}"
         lines.append(f"{name:<{width}}  {r['regions']:>7}  {r['under_threshold']:>15}  {r['threshold']:>9}")
-    never = [f"{r['control']}:{r['label']}" for r in report.labels if not r["found"]]
+    never = [f"{r['control']}:{r['label']}" for r in report.labels if not r["found"] and r.get("routed", True)]
     if never and report.predicted:
         lines.append(f"never found: {', '.join(never)}")
+    elsewhere = [f"{r['control']}:{r['label']}" for r in report.labels if not r.get("routed", True)]
+    if elsewhere:  # XDLABEL_LS_ROUTING=tool sends those labels' regions to another control only
+        lines.append(f"not routed here (their tool is another control): {', '.join(elsewhere)}")
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines)

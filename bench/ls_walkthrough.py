@@ -133,10 +133,10 @@ def main() -> None:
     print(f"{'step':<{width}}  wall s  CPU s")
     for name, seconds, cpu in times:
         print(f"{name:<{width}}  {seconds:6.1f}  " + ("" if cpu is None else f"{cpu:5.1f}"))
-    print("\nper control and label (regions / under threshold / never found):")
+    print("\nper control and label (regions / under threshold / never found or not routed here):")
     for row in report["labels"]:
-        print(f"  {row['control']}:{row['label']:<10} {row['regions']:>4} {row['under_threshold']:>4}"
-              f"{'  never found' if not row['found'] else ''}")
+        note = "  not routed here" if not row.get("routed", True) else "  never found" if not row["found"] else ""
+        print(f"  {row['control']}:{row['label']:<10} {row['regions']:>4} {row['under_threshold']:>4}{note}")
     print(f"\nCOCO: {len(coco['images'])} images, {len(coco['annotations'])} objects, "
           f"categories {[(c['name'], c['isthing']) for c in coco['categories']]}, {len(coco['captions'])} captions")
     print(f"exported: {exported['written']} objects from {exported['tasks']} tasks")

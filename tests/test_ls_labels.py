@@ -256,6 +256,7 @@ def test_each_object_is_one_region_per_control_and_each_mask_has_one_label(bundl
         assert [(r["control"], r["label"]) for r in summary][:2] == [("mask", "Ball"), ("mask", "Sky")]
         assert all(r["found"] == bool(r["regions"] or r["under_threshold"]) for r in summary)
         assert not next(r for r in summary if r["control"] == "poly" and r["label"] == "Circle")["found"]
+        assert [(r["control"], r["label"]) for r in summary if not r["routed"]] == [("poly", "Circle"), ("rect", "Box")]
     assert set(STUFF) <= set(CLASSES)
 
 

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -136,7 +136,8 @@ def test_cli_reports_a_wrong_token_or_project_before_loading_the_model_and_print
         return subprocess.run([sys.executable, "-m", "xdlabel.cli", "prelabel", *args], env=env,
                               capture_output=True, text=True, timeout=300)
 
-    start = time.monotonic()
+    # CPU seconds, not wall: on a shared 2-core machine the wall time is the other jobs' as much as ours
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = prelabel("--project", str(project_id))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert "refused the token" in done.stderr and "XDLABEL_LS_TOKEN" in done.stderr and "{" not in done.stderr
@@ -144,13 +145,18 @@ def test_cli_reports_a_wrong_token_or_project_before_loading_the_model_and_print
     done = prelabel("--project", "987654")
     assert done.returncode == 2 and done.stderr.strip() == (
         f"error: Label Studio at {label_studio.url} has no project 987654 (404)")
-    assert time.monotonic() - start < 60
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert now.ru_utime + now.ru_stime - used.ru_utime - used.ru_stime < 60
     del env["XDLABEL_CHECKPOINT"]  # the bundled model
     done = prelabel("--project", str(project_id), "--threshold", "0.3", "--no-captions")
     assert done.returncode == 0, done.stderr
     table = done.stdout[done.stdout.index("control:label"):].splitlines()
-    assert table[1].split()[0] == "mask:Ball" and any(line.startswith("never found: ") for line in table)
-    assert "poly:Circle" in next(line for line in table if line.startswith("never found: "))
+    assert table[1].split()[0] == "mask:Ball"
+    # the polygon's Circle is the brush's circle and the box's Box the polygon's: routed there, so
+    # listed apart from what the model never proposed
+    elsewhere = next(line for line in table if line.startswith("not routed here"))
+    assert elsewhere.endswith(": poly:Circle, rect:Box")
+    assert not any("poly:Circle" in line for line in table if line.startswith("never found: "))
 
 
 def _box_of(mask: np.ndarray) -> np.ndarray:
