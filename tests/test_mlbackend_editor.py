@@ -1,7 +1,7 @@
 """The editor's interactive request, driven in headless Chromium against a real Label Studio 1.23.2
 with xdlabel's ML backend connected: log in, open a task, switch Auto-Annotation on, type a phrase
-in the smart TextArea and see the suggestion appear (then accept it as a Ball region); a second
-phrase on the same image is answered without downloading or encoding the image again."""
+in the smart TextArea and see the suggestion appear on the ball (then accept it as a Ball region);
+a second phrase on the same image is answered without downloading or encoding the image again."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from annotator.client import LabelStudioClient
 from annotator.localserver import LocalLabelStudio
 from index.db import upgrade
 from tests.conftest import Server
-from tests.test_mlbackend_interactive import Backend, Counts, _scene_image
+from tests.test_mlbackend_interactive import Backend, Counts, _scene_image, red_iou
 from xdlabel.services import Services
 from xdlabel.settings import Settings
 
@@ -91,7 +91,7 @@ def test_a_phrase_typed_in_the_editor_gives_a_suggestion(backend: Backend, label
         prompt = page.get_by_test_id("textarea-input")
         seconds = []
         answers = []
-        for phrase in ("ball", "the ball"):
+        for phrase in ("the red circle", "Ball: the red circle"):
             prompt.fill(phrase)
             started = time.monotonic()
             with page.expect_response(interactive, timeout=120_000) as waited:
@@ -99,7 +99,7 @@ def test_a_phrase_typed_in_the_editor_gives_a_suggestion(backend: Backend, label
             answers.append((json.loads(waited.value.request.post_data or "{}"), waited.value.json()))
             page.get_by_text(re.compile(r"^\s*1 suggestions?\s*$")).wait_for(timeout=30_000)
             seconds.append(time.monotonic() - started)
-            if phrase == "ball":
+            if len(answers) == 1:  # the first prompt on the image
                 assert counts.now()[:2] == (1, 1)  # the image downloaded and encoded for the first prompt
                 page.get_by_test_id("bottombar-accept-suggestions-button").click()
         assert counts.now()[:2] == (1, 1)  # ... and not again for the second
@@ -107,6 +107,7 @@ def test_a_phrase_typed_in_the_editor_gives_a_suggestion(backend: Backend, label
             assert sent["task"] == task and sent["context"]["result"][0]["type"] == "textarea"
             results = answer["data"]["result"]
             assert [r["value"]["brushlabels"] for r in results] == [["Ball"]], results
+            assert red_iou(results[0], folder / "img0.png") > 0.5  # on the ball
         # The accepted suggestion is a region of the annotation, labelled Ball in the regions list.
         page.locator(".lsf-outliner-item").get_by_text("Ball").first.wait_for(timeout=10_000)
         page.screenshot(path=str(backend.services.settings.data_dir / "editor.png"))
