@@ -101,7 +101,7 @@ def agreement(ref: dict[str, Any], got: dict[str, Any], ref_ids: list[list[int]]
         np.linalg.norm(ref["embeddings"], axis=1) * np.linalg.norm(got["embeddings"], axis=1))
     return {"label map": pixels("semantic"), "panoptic map": pixels("panoptic"), "embedding cos": float(cos.min()),
             "captions equal": sum(a == b for a, b in zip(ref_ids, ids, strict=True)) / len(ids),
-            "regions": sum(len(r) for r in got["regions"]) / max(1, sum(len(r) for r in ref["regions"]))}
+            "regions": sum(len(r) for r in got["regions"]), "fp32 regions": sum(len(r) for r in ref["regions"])}
 
 
 def main() -> None:
@@ -143,11 +143,12 @@ def main() -> None:
                 if label == "fp32" and kind != args.variants[0]:
                     continue
                 speed = f"{med['fp32'] / bulk_s:>7.2f} {cap_s:>13.3f} {med['fp32 cap'] / cap_s:>7.2f}"
+                kept = f"{row['regions']:.0f}/{row['fp32 regions']:.0f}" if row else ""
                 tail = (f"{row['label map']:>9.2%} {row['panoptic map']:>8.2%} {row['embedding cos']:>8.5f} "
-                        f"{row['captions equal']:>8.0%} {row['regions']:>7.2f} {setup:>7.1f}") if row else \
+                        f"{row['captions equal']:>8.0%} {kept:>7} {setup:>7.1f}") if row else \
                     f"{'-':>9} {'-':>8} {'-':>8} {'-':>8} {'-':>7} {'-':>7}"
                 print(f"{name:<8} {label:<13} {bulk_s:>10.3f} {speed} {tail}")
-    print("regions: the variant's region count / float32's; setup: copy, quantize or compile, first pass")
+    print("regions: regions kept by the variant / by float32; setup: copy, quantize or compile, first pass")
 
 
 if __name__ == "__main__":
