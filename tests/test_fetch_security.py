@@ -383,7 +383,8 @@ def test_ml_backend_refuses_a_task_image_on_a_private_host(tmp_path: Path) -> No
                 config = ('<View><Image name="image" value="$image"/><BrushLabels name="mask" toName="image">'
                           '<Label value="Ball" predicted_values="circle"/></BrushLabels></View>')
                 auth = "Basic " + base64.b64encode(b"xdlabel:pw").decode()
-                response = httpx.post(f"{url}/ml/predict", json={"tasks": tasks, "label_config": config},
+                response = httpx.post(f"{url}/ml/predict", json={"tasks": tasks, "label_config": config,
+                                                                "project": "1.1764547200"},
                                       headers={"Authorization": auth}, timeout=120)
         finally:
             services.engine.dispose()
