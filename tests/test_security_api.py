@@ -13,6 +13,7 @@ import base64
 import functools
 import http.server
 import io
+import itertools
 import socket
 import statistics
 import threading
@@ -258,10 +259,14 @@ def test_health_stays_fast_while_the_model_works(world: dict[str, Any]) -> None:
                     return
                 done["search"] += 1
 
+    projects = itertools.count(1)
+
     def predict() -> None:
         with httpx.Client(timeout=120) as c:
             while not stop.is_set():
-                r = c.post(f"{url}/ml/predict", json={"tasks": tasks, "label_config": config}, headers=auth)
+                # a project of its own per call: a stored prediction would be answered without the model
+                r = c.post(f"{url}/ml/predict", headers=auth, json={"tasks": tasks, "label_config": config,
+                                                                    "project": f"{next(projects)}.1"})
                 if r.status_code != 200 or not all(x["score"] > 0 for x in r.json()["results"]):  # all read
                     errors.append(r.text[:300])
                     return
@@ -273,7 +278,8 @@ def test_health_stays_fast_while_the_model_works(world: dict[str, Any]) -> None:
     (folder / "bomb.png").write_bytes(_bomb())
     before, start = _maxrss_mb(), time.monotonic()
     r = httpx.post(f"{url}/ml/predict", headers=auth, timeout=60, json={
-        "tasks": [{"id": 9, "data": {"image": "/data/bomb.png"}}, tasks[0]], "label_config": config})
+        "tasks": [{"id": 9, "data": {"image": "/data/bomb.png"}}, tasks[0]], "label_config": config,
+        "project": "9999.1"})
     assert r.status_code == 200 and time.monotonic() - start < 10 and _maxrss_mb() - before < 200
     bomb_result, fine_result = r.json()["results"]
     assert bomb_result["result"] == [] and bomb_result["score"] == 0.0 and fine_result["score"] > 0
@@ -422,9 +428,11 @@ def test_ml_predict_goes_in_chunks_in_task_order(world: dict[str, Any]) -> None:
     tasks = [{"id": k, "data": {"image": f"/data/{k}.png"}} for k in range(11)]
     auth = {"Authorization": "Basic " + base64.b64encode(b"xdlabel:pw").decode()}
 
+    projects = itertools.count(1)  # a project of its own per call: predictions are stored once per project
+
     def ask(some: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        r = httpx.post(f"{world['url']}/ml/predict", json={"tasks": some, "label_config": config}, headers=auth,
-                       timeout=120)
+        r = httpx.post(f"{world['url']}/ml/predict", headers=auth, timeout=120,
+                       json={"tasks": some, "label_config": config, "project": f"{next(projects)}.1"})
         assert r.status_code == 200, r.text
         return r.json()["results"]  # type: ignore[no-any-return]
 
@@ -442,7 +450,9 @@ def test_ml_predict_goes_in_chunks_in_task_order(world: dict[str, Any]) -> None:
             return encode(images, *args, **kwargs)
 
         predictor.encode = slow  # type: ignore[method-assign]
-        long = threading.Thread(target=ask, args=([tasks[k % 11] for k in range(24) if k % 11 != 5],))
+        # 22 distinct task ids (a task id is answered once per call) over the 10 images
+        long = threading.Thread(target=ask, args=([{"id": 100 + k, "data": tasks[k % 11]["data"]}
+                                                   for k in range(24) if k % 11 != 5],))
         long.start()
         assert started.wait(60)
         r = httpx.post(f"{world['url']}/v1/search/text", json={"query": "a ball"},
