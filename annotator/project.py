@@ -109,6 +109,40 @@ def project_config(client: LabelStudioClient, project_id: int, options: Prelabel
                                  override=options.threshold)
 
 
+@dataclass
+class TaskPlan:
+    todo: list[Task] = field(default_factory=list)
+    # tasks whose outbox row (or Label Studio prediction) the new one replaces
+    replace: set[int] = field(default_factory=set)
+
+
+def plan_tasks(client: LabelStudioClient, sessions: sessionmaker[Session], project_id: int, model_version: str,
+               options: PrelabelOptions, report: PrelabelReport) -> TaskPlan:
+    """The project's tasks to pre-label now (image and video projects alike), counted into ``report``."""
+    with sessions() as session:
+        rows = session.execute(select(LabelStudioDelivery.task_id, LabelStudioDelivery.state).where(
+            LabelStudioDelivery.server == client.url, LabelStudioDelivery.project_id == project_id,
+            LabelStudioDelivery.model_version == model_version)).all()
+    # Still on its way (pending, sending, being computed, failed: `labelstudio requeue`) counts as
+    # done; one Label Studio received (delivered, or answered to its /ml/predict) counts only while
+    # Label Studio still holds it, so deleting predictions there and running again redoes those.
+    queued = {task_id for task_id, state in rows if state not in ("delivered", "answered")}
+    known = {task_id for task_id, _ in rows}
+    plan = TaskPlan()
+    for task in client.tasks(project_id):
+        if options.task_ids and task["id"] not in options.task_ids:
+            continue
+        report.tasks += 1
+        done = any(p.get("model_version") == model_version for p in task.get("predictions", []))
+        if (done or task["id"] in queued) and not options.force:
+            report.skipped += 1
+            continue
+        plan.todo.append(task)
+        if done or task["id"] in known:
+            plan.replace.add(task["id"])
+    return plan
+
+
 def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: LabelStudioClient,
                      sessions: sessionmaker[Session], project_id: int, model_version: str,
                      options: PrelabelOptions = PrelabelOptions(),
@@ -122,30 +156,9 @@ def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: Lab
     for warning in config.warnings:
         log.warning("project %s: %s", project_id, warning)
     tally = LabelTally()
-    with sessions() as session:
-        rows = session.execute(select(LabelStudioDelivery.task_id, LabelStudioDelivery.state).where(
-            LabelStudioDelivery.server == client.url, LabelStudioDelivery.project_id == project_id,
-            LabelStudioDelivery.model_version == model_version)).all()
-    # Still on its way (pending, sending, being computed, failed: `labelstudio requeue`) counts as
-    # done; one Label Studio received (delivered, or answered to its /ml/predict) counts only while
-    # Label Studio still holds it, so deleting predictions there and running again redoes those.
-    queued = {task_id for task_id, state in rows if state not in ("delivered", "answered")}
-    known = {task_id for task_id, _ in rows}
-    todo: list[Task] = []
-    replace: set[int] = set()  # tasks whose outbox row (or Label Studio prediction) the new one replaces
-    for task in client.tasks(project_id):
-        if options.task_ids and task["id"] not in options.task_ids:
-            continue
-        report.tasks += 1
-        done = any(p.get("model_version") == model_version for p in task.get("predictions", []))
-        if (done or task["id"] in queued) and not options.force:
-            report.skipped += 1
-            continue
-        todo.append(task)
-        if done or task["id"] in known:
-            replace.add(task["id"])
-    model = predictor if isinstance(predictor, Predictor) or not todo else predictor()
-    for chunk in _chunks(todo, options.batch_size):
+    plan = plan_tasks(client, sessions, project_id, model_version, options, report)
+    model = predictor if isinstance(predictor, Predictor) or not plan.todo else predictor()
+    for chunk in _chunks(plan.todo, options.batch_size):
         images: list[np.ndarray] = []
         readable: list[Task] = []
         for task in chunk:
@@ -162,7 +175,7 @@ def prelabel_project(predictor: Predictor | Callable[[], Predictor], client: Lab
                 if preview:
                     preview(task["id"], image, prediction)
             with sessions() as session:
-                enqueue(session, client.url, [Outgoing(project_id, t["id"], p, replace=t["id"] in replace)
+                enqueue(session, client.url, [Outgoing(project_id, t["id"], p, replace=t["id"] in plan.replace)
                                               for t, p in zip(readable, out, strict=True)])
                 session.commit()
             report.predicted += len(readable)

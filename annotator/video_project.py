@@ -14,17 +14,16 @@ import io
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from annotator.client import LabelStudioAuthError, LabelStudioClient, LabelStudioError, Task
+from annotator.client import LabelStudioAuthError, LabelStudioClient, LabelStudioError
 from annotator.convert import mask_to_box
 from annotator.outbox import Outbox, Outgoing, enqueue
 from annotator.prelabel import Prediction, regions
-from annotator.project import PrelabelOptions, PrelabelReport, _accumulate
+from annotator.project import PrelabelOptions, PrelabelReport, _accumulate, plan_tasks
 from annotator.video_tracks import (
     Detection,
     Linker,
@@ -35,7 +34,6 @@ from annotator.video_tracks import (
     parse_video_config,
     track_result,
 )
-from index.models import LabelStudioDelivery
 from xdecoder.predictor import Features, Predictor
 from xdlabel.video import Sampling, VideoLimits, open_video, sample_frames
 
@@ -149,36 +147,6 @@ def predict_video(predictor: Predictor, data: bytes, config: VideoConfig, model_
     return {"result": result, "score": round(score, 4), "model_version": model_version}
 
 
-@dataclass
-class _Plan:
-    todo: list[Task] = field(default_factory=list)
-    replace: set[int] = field(default_factory=set)
-
-
-def _plan(client: LabelStudioClient, sessions: sessionmaker[Session], project_id: int, model_version: str,
-          options: PrelabelOptions, report: PrelabelReport) -> _Plan:
-    # The same skip rules as image projects (annotator.project): queued or held by Label Studio.
-    with sessions() as session:
-        rows = session.execute(select(LabelStudioDelivery.task_id, LabelStudioDelivery.state).where(
-            LabelStudioDelivery.server == client.url, LabelStudioDelivery.project_id == project_id,
-            LabelStudioDelivery.model_version == model_version)).all()
-    queued = {task_id for task_id, state in rows if state not in ("delivered", "answered")}
-    known = {task_id for task_id, _ in rows}
-    plan = _Plan()
-    for task in client.tasks(project_id):
-        if options.task_ids and task["id"] not in options.task_ids:
-            continue
-        report.tasks += 1
-        done = any(p.get("model_version") == model_version for p in task.get("predictions", []))
-        if (done or task["id"] in queued) and not options.force:
-            report.skipped += 1
-            continue
-        plan.todo.append(task)
-        if done or task["id"] in known:
-            plan.replace.add(task["id"])
-    return plan
-
-
 def prelabel_video_project(predictor: Predictor | Callable[[], Predictor], client: LabelStudioClient,
                            sessions: sessionmaker[Session], project_id: int, model_version: str,
                            options: PrelabelOptions | None = None, video: VideoOptions | None = None,
@@ -191,7 +159,7 @@ def prelabel_video_project(predictor: Predictor | Callable[[], Predictor], clien
         raise ValueError(f"project {project_id} has no <Video> in its labeling config")
     report = PrelabelReport(warnings=list(config.labels.warnings))
     outbox = Outbox(sessions, client)
-    plan = _plan(client, sessions, project_id, model_version, options, report)
+    plan = plan_tasks(client, sessions, project_id, model_version, options, report)
     model = predictor if isinstance(predictor, Predictor) or not plan.todo else predictor()
     for task in plan.todo:
         url = task.get("data", {}).get(config.video_key)
