@@ -15,6 +15,7 @@ import torch
 import uvicorn
 from PIL import Image, ImageDraw
 
+from annotator.client import LabelStudioClient
 from annotator.localserver import LocalLabelStudio, ensure_virtualenv
 from xdlabel.api import create_app
 from xdlabel.services import Services
@@ -172,3 +173,9 @@ def label_studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalLabe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
+    """A client of the session's Label Studio, with its token."""
+    return LabelStudioClient(label_studio.url, label_studio.token)

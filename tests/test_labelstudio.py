@@ -52,11 +52,6 @@ CONFIG = """<View>
 </View>"""
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 def _project(client: LabelStudioClient, server: LocalLabelStudio, images: list[Path],
              title: str) -> tuple[int, list[int]]:
     """A project whose tasks point at local files served by Label Studio (with its auth)."""

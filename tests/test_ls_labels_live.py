@@ -30,11 +30,6 @@ from xdecoder.training.synthetic import CLASSES, make_scenes
 VERSION = "shapes-v1"
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 @pytest.fixture
 def sessions(tmp_path: Path):  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path / 'xdlabel.db'}"

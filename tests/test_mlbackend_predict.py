@@ -38,11 +38,6 @@ CONFIG = """<View>
 BUDGET = 2.0  # seconds: far less than 200 tasks take, so most go to the background
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[dict[str, Any]]:
     settings = Settings(data_dir=tmp_path / "data", short_side=64, caption_steps=2, ml_backend_password="s3cret",

@@ -37,11 +37,6 @@ CONFIG = """<View>
 AUTH = ("xdlabel", "s3cret")
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[dict[str, Any]]:
     # No Label Studio URL or token configured: only what /setup tells the backend.

@@ -35,11 +35,6 @@ CONFIG = """<View>
 AUTH = ("xdlabel", "s3cret")
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 @pytest.fixture
 def backend(tmp_path: Path) -> Iterator[dict[str, Any]]:
     # No worker anywhere, and no Label Studio URL or token: only what /setup tells the backend.

@@ -39,11 +39,6 @@ from xdecoder.predictor import PredictorSettings
 Row = LabelStudioDelivery
 
 
-@pytest.fixture(scope="module")
-def ls_client(label_studio: LocalLabelStudio) -> LabelStudioClient:
-    return LabelStudioClient(label_studio.url, label_studio.token)
-
-
 def _database(database: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = f"sqlite:///{tmp_path / 'x.db'}" if database == "sqlite" else request.getfixturevalue("postgres_url")
     upgrade(url)
