@@ -238,9 +238,12 @@ class Outbox:
                 log.warning("project %s: cannot set model_version %r: %s", project_id, version, err.body)
 
     def _held_by_others(self) -> bool:
+        # A lease that expired a moment ago still counts: it may have expired between the empty claim
+        # and this check, and the next claim takes its rows over instead of leaving them pending.
         with self.sessions() as session:
             return bool(session.scalar(select(func.count()).select_from(Row).where(
-                Row.server == self.client.url, Row.state.in_(OPEN), Row.lease_expires_at >= utcnow())))
+                Row.server == self.client.url, Row.state.in_(OPEN),
+                Row.lease_expires_at >= utcnow() - timedelta(seconds=1))))
 
     def _attempt(self, token: str, ids: list[int], report: DeliveryReport, versions: set[tuple[int, str]]) -> None:
         try:
