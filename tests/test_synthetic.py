@@ -33,3 +33,39 @@ def test_ground_truth_is_consistent() -> None:
         for seg in things:
             assert f"{seg.color} {CLASSES[seg.category_id]}" in scene.caption
     assert set(STUFF) >= {"sky", "grass"}
+
+
+def _parse(caption: str) -> tuple[dict[tuple[str, str], int], str]:
+    """'a red circle and two blue squares on grass' -> ({('red', 'circle'): 1, ('blue', 'square'): 2}, 'grass')."""
+    numbers = {"a": 1, "two": 2, "three": 3, "four": 4}
+    things, ground = caption.rsplit(" on ", 1)
+    groups = {}
+    for part in things.replace(" and ", ", ").split(", "):
+        number, color, kind = part.split(" ")
+        groups[(color, kind.removesuffix("s"))] = numbers[number]
+    return groups, ground
+
+
+def test_near_miss_captions_are_wrong_in_exactly_one_detail() -> None:
+    import random
+
+    from xdecoder.training.synthetic import near_misses
+
+    # 300 seeded scenes, up to 6 near misses each: every one parses, differs from the true caption, and
+    # changes the ground alone or the things alone (one group's colour, shape or count).
+    rng = random.Random(0)
+    checked = 0
+    for scene in make_scenes(300, seed=11):
+        truth, ground = _parse(scene.caption)
+        misses = near_misses(scene, 6, rng)
+        assert len(misses) == len(set(misses)) == 6, (scene.caption, misses)
+        for miss in misses:
+            groups, miss_ground = _parse(miss)
+            assert miss != scene.caption
+            assert (groups == truth) != (miss_ground == ground), (scene.caption, miss)
+            if groups != truth:
+                changed = set(groups.items()) ^ set(truth.items())
+                assert 1 <= len(changed) <= 3, (scene.caption, miss)  # a count, or a swap (possibly merging)
+                assert abs(sum(groups.values()) - sum(truth.values())) <= 1
+            checked += 1
+    assert checked == 1800

@@ -84,3 +84,29 @@ def test_train_and_eval_commands(tmp_path: Path) -> None:
     cli("train", "--out", again, "--steps", "3", "--batch-size", "1", "--json", *size)
     weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("ckpt", "again")]
     assert weights[0] == weights[1]
+
+
+def test_near_miss_negatives_and_no_object_weight_change_the_losses() -> None:
+    from xdecoder.training.losses import LossWeights, retrieval_loss
+
+    # Retrieval: a negative caption identical to an image's own caption must raise that image's loss
+    # (it competes with the right answer); a negative far from every image changes it little.
+    torch.manual_seed(0)
+    images, texts = torch.randn(4, 16), torch.randn(4, 16)
+    scale, weights = torch.tensor(2.0), LossWeights()
+    base = retrieval_loss([images], texts, scale, weights)
+    assert retrieval_loss([images], texts, scale, weights, negatives=texts[:1].clone()) > base + 0.05
+    far = -images.mean(0, keepdim=True)
+    assert retrieval_loss([images], texts, scale, weights, negatives=far) < base + 0.05
+    # The no-object weight reaches the trainer's class loss: same batch, same weights, other value.
+    cfg = TrainConfig(steps=1, batch_size=1, num_points=64, near_misses=2)
+    batch = synthetic_batches(cfg, SIZE)(0)
+    parts = []
+    for no_object in (0.1, 0.4):
+        torch.manual_seed(0)
+        options = {**cfg.__dict__, "weights": LossWeights(no_object=no_object)}
+        trainer = Trainer(build_model("parity"), TrainConfig(**options))
+        with torch.no_grad():
+            parts.append(trainer.losses(batch))
+    assert not torch.isclose(parts[0]["cls"], parts[1]["cls"])
+    assert torch.isfinite(parts[0]["retrieval"]) and torch.isclose(parts[0]["retrieval"], parts[1]["retrieval"])

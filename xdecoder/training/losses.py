@@ -2,12 +2,13 @@
 
 * segmentation: Hungarian matching of the latent object queries to ground-truth masks
   (class cost 2, mask BCE 5, dice 5, on sampled points), then class cross-entropy against the
-  class-name embeddings with a down-weighted no-object class (0.1), and mask BCE + dice on
+  class-name embeddings with a down-weighted no-object class (0.1 officially), and mask BCE + dice on
   sampled points for the matched queries;
 * grounding: the grounding queries are matched to the phrases' masks; cross-entropy over queries
   of the phrase similarity, plus BCE + dice of the matched query's mask;
 * captioning: teacher forcing, position t predicts token t+1;
-* retrieval: symmetric image-text contrastive loss on both image embeddings of the ensemble.
+* retrieval: symmetric image-text contrastive loss on both image embeddings of the ensemble,
+  optionally with extra negative captions per image (image -> text direction only).
 Points are sampled uniformly (the official code oversamples uncertain points; uniform keeps it
 simple and still unbiased).
 """
@@ -23,8 +24,6 @@ from torch import Tensor
 
 from xdecoder.tokenizer import EOS_ID
 
-NO_OBJECT_WEIGHT = 0.1
-
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -34,6 +33,9 @@ class LossWeights:
     grounding: float = 1.0
     caption: float = 2.0
     retrieval: float = 2.0
+    # Down-weights the ~95 unmatched queries' "no object" targets; a higher value drives them to no object
+    # sooner, which matters for semantic inference (it sums class x mask over every query).
+    no_object: float = 0.1
 
 
 def point_logits(masks: Tensor, points: Tensor) -> Tensor:
@@ -87,7 +89,7 @@ def segmentation_loss(logits: Tensor, masks: Tensor, labels: Tensor, gt_masks: T
     target_classes = torch.full((logits.shape[0],), logits.shape[1] - 1, dtype=torch.long, device=logits.device)
     target_classes[rows] = labels[cols]
     class_weight = torch.ones(logits.shape[1], device=logits.device)
-    class_weight[-1] = NO_OBJECT_WEIGHT
+    class_weight[-1] = weights.no_object
     loss_cls = F.cross_entropy(logits[:q], target_classes[:q], weight=class_weight)
     bce, dice = mask_losses(pred_points[rows], gt_points[cols])
     return {"cls": weights.cls * loss_cls, "mask": weights.mask * bce, "dice": weights.dice * dice}
@@ -124,12 +126,16 @@ def caption_loss(token_logits: Tensor, token_ids: Tensor, weights: LossWeights) 
 
 
 def retrieval_loss(image_embeddings: list[Tensor], text_embeddings: Tensor, logit_scale: Tensor,
-                   weights: LossWeights) -> Tensor:
-    """Symmetric InfoNCE between each image embedding [B, D] and the caption embeddings [B, D]."""
+                   weights: LossWeights, negatives: Tensor | None = None) -> Tensor:
+    """Symmetric InfoNCE between each image embedding [B, D] and the caption embeddings [B, D];
+    ``negatives`` [M, D] are captions of no image in the batch (near misses: one colour, count, shape
+    or ground changed), extra wrong answers for every image's image -> text term."""
     t = F.normalize(text_embeddings, dim=-1)
-    target = torch.arange(t.shape[0], device=t.device)
+    b = t.shape[0]
+    candidates = t if negatives is None else torch.cat([t, F.normalize(negatives, dim=-1)])
+    target = torch.arange(b, device=t.device)
     total = t.new_zeros(())
     for image in image_embeddings:
-        logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ t.t()
-        total = total + (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        logits = logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ candidates.t()
+        total = total + (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :b].t(), target)) / 2
     return weights.retrieval * total / len(image_embeddings)

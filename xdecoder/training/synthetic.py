@@ -9,6 +9,7 @@ caption ("a red circle and two blue squares on grass"). Same seed, same scenes.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,14 +126,43 @@ def make_scene(seed: int, size: tuple[int, int] = (160, 128), min_area: int = 40
             other = others[int(rng.integers(len(others)))]
             phrase += f" {_relation(seg, other)} the {other.color} {CLASSES[other.category_id]}"
         scene.phrases[seg.id] = phrase
+    scene.caption = caption_of(_groups(visible), ground)
+    return scene
+
+
+def _groups(things: list[Segment]) -> dict[tuple[str, str], int]:
     groups: dict[tuple[str, str], int] = {}
-    for seg in visible:
+    for seg in things:
         key = (seg.color or "", CLASSES[seg.category_id])
         groups[key] = groups.get(key, 0) + 1
+    return groups
+
+
+def caption_of(groups: dict[tuple[str, str], int], ground: str) -> str:
+    """'a red circle and two blue squares on grass' from {(colour, kind): count} and the ground."""
     parts = [f"{NUMBERS[n]} {color} {kind}{'s' if n > 1 else ''}" for (color, kind), n in sorted(groups.items())]
     things_text = " and ".join([", ".join(parts[:-1]), parts[-1]] if len(parts) > 1 else parts) if parts else "nothing"
-    scene.caption = f"{things_text} on {ground}"
-    return scene
+    return f"{things_text} on {ground}"
+
+
+def near_misses(scene: Scene, count: int, rng: random.Random) -> list[str]:
+    """Up to ``count`` captions that are wrong for ``scene`` in one respect: one group's colour, shape or
+    count, or the ground. Contrastive training with them as negatives teaches the embedding those details,
+    which is what separates scenes in retrieval."""
+    groups = _groups([s for s in scene.segments if s.isthing])
+    grounds = [CLASSES[s.category_id] for s in scene.segments if not s.isthing and CLASSES[s.category_id] != "sky"]
+    ground = grounds[0] if grounds else scene.caption.rsplit(" on ", 1)[-1]
+    edits: list[tuple[dict[tuple[str, str], int], str]] = [(groups, g) for g in STUFF[1:] if g != ground]
+    for (color, kind), n in groups.items():
+        rest = {key: m for key, m in groups.items() if key != (color, kind)}
+        swaps = [(c, kind) for c in COLORS if c != color] + [(color, k) for k in THINGS if k != kind]
+        for key in swaps:
+            edits.append(({**rest, key: rest.get(key, 0) + n}, ground))
+        for m in (n - 1, n + 1):
+            if 1 <= m <= 4 or (m == 0 and rest):
+                edits.append(({**rest, (color, kind): m} if m else rest, ground))
+    captions = sorted({caption_of(g, gr) for g, gr in edits if max(g.values(), default=1) <= 4} - {scene.caption})
+    return rng.sample(captions, min(count, len(captions)))
 
 
 def make_scenes(count: int, seed: int = 0, size: tuple[int, int] = (160, 128)) -> list[Scene]:

@@ -33,7 +33,7 @@ from xdecoder.training.losses import (
     retrieval_loss,
     segmentation_loss,
 )
-from xdecoder.training.synthetic import CLASSES, Scene, make_scene
+from xdecoder.training.synthetic import CLASSES, Scene, make_scene, near_misses
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class TrainConfig:
     freeze_backbone: bool = False
     freeze_text: bool = False
     checkpoint_every: int = 100
+    near_misses: int = 0  # extra negative captions per image for the retrieval loss (synthetic scenes only)
     weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -139,7 +140,15 @@ class Trainer:
         logits = features @ model.language.lang_encoder.token_embedding.weight.t()
         totals["caption"] = caption_loss(logits, ids, cfg.weights)
         image_embeddings = [head.embeddings[:, -1], model.backbone_embedding(feats["res5"])]
-        totals["retrieval"] = retrieval_loss(image_embeddings, caption_emb, model.language.logit_scale, cfg.weights)
+        negatives = None
+        if cfg.near_misses:
+            rng = random.Random(self.step)
+            wrong = [c for s in batch for c in near_misses(s, cfg.near_misses, rng)]
+            wrong = [c for c in dict.fromkeys(wrong) if c not in {s.caption for s in batch}]
+            if wrong:
+                negatives = model.language(self.tokenizer(wrong)[0].to(device))[1]
+        totals["retrieval"] = retrieval_loss(image_embeddings, caption_emb, model.language.logit_scale, cfg.weights,
+                                             negatives)
         return totals
 
     def train_step(self, batch: Batch) -> dict[str, float]:
@@ -167,7 +176,7 @@ class Trainer:
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                     "step": self.step, "generator": self.generator.get_state()}, folder / "state.pt.tmp")
         info = {"config": self.model.config.name, "classes": self.class_names, "step": self.step,
-                "train": {k: v for k, v in asdict(self.cfg).items() if k != "weights"}, **(meta or {})}
+                "train": asdict(self.cfg), **(meta or {})}
         (folder / "meta.json.tmp").write_text(json.dumps(info, indent=2, default=str))
         for name in ("model.safetensors", "state.pt", "meta.json"):  # replace all three only once all are written
             (folder / f"{name}.tmp").replace(folder / name)

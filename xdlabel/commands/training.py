@@ -31,6 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train.add_argument("--width", type=int, default=160)
     train.add_argument("--height", type=int, default=128)
     train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--no-object-weight", type=float, default=0.1,
+                       help="class-loss weight of 'no object' for unmatched queries (official: 0.1)")
+    train.add_argument("--near-misses", type=int, default=0,
+                       help="synthetic: negative captions per image, each wrong in one detail, for retrieval")
     train.add_argument("--freeze-backbone", action="store_true")
     train.add_argument("--freeze-text", action="store_true")
     train.add_argument("--json", action="store_true", help="no progress bar")
@@ -114,7 +118,9 @@ def model_bundle(args: argparse.Namespace) -> int:
         "short_side": args.height, "caption_steps": args.caption_steps, "train_size": list(size),
         "training": meta["train"],
         "training_data": {"generator": "xdecoder.training.synthetic", "seed": meta["train"]["seed"],
-                          "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()},
+                          "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
+                          **({"init_sha256": meta["training_data"]["init"]} if "init" in meta.get("training_data", {})
+                             else {})},
         "heldout": {"seed": args.seed, "scenes": args.scenes, "metrics": metrics},
         "sha256": file_sha256(BUNDLED_CHECKPOINT),
     }
@@ -172,6 +178,7 @@ def train_command(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)  # the initial weights too: same seed, same run
 
     from xdecoder import build_model, load_checkpoint
+    from xdecoder.training.losses import LossWeights
     from xdecoder.training.trainer import TrainConfig, Trainer, synthetic_batches
 
     model = build_model(args.config)
@@ -179,7 +186,8 @@ def train_command(args: argparse.Namespace) -> int:
         load_checkpoint(model, args.init)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text,
-                      checkpoint_every=args.checkpoint_every)
+                      checkpoint_every=args.checkpoint_every, near_misses=args.near_misses,
+                      weights=LossWeights(no_object=args.no_object_weight))
     trainer = Trainer(model, cfg)
     out = Path(args.out)
     resumed = trainer.resume(out)
@@ -195,6 +203,9 @@ def train_command(args: argparse.Namespace) -> int:
 
     data = {"generator": "xdecoder.training.synthetic", "seed": args.seed, "size": [args.width, args.height],
             "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest()}
+    if args.init:  # a second stage: what it started from is part of how the weights were made
+        init = args.init
+        data["init"] = init if init.startswith("hf://") else hashlib.sha256(Path(init).read_bytes()).hexdigest()
     history = trainer.fit(synthetic_batches(cfg, (args.width, args.height)), folder=out, log=log,
                           meta={"training_data": data})
     bar.close()
