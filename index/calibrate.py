@@ -11,8 +11,8 @@ search asking for recall ``r`` probes the fewest lists whose calibrated recall r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-import faiss
 import numpy as np
 
 __all__ = ["Calibration", "ladder", "nprobe_for"]
@@ -72,14 +72,17 @@ class Calibration:
         top = np.argpartition(-scores, K - 1, axis=1)[:, :K]
         self._scores, self._ids = np.take_along_axis(scores, top, 1), np.take_along_axis(idx, top, 1)
 
-    def curve(self, index: faiss.IndexIVF) -> list[tuple[int, float]]:
-        """Recall@10 of ``index`` against the exact top-10 at each ``ladder`` step, up to 0.995."""
-        truth = [set(row[row >= 0].tolist()) for row in self._ids]
+    def recall(self, search: Callable[[np.ndarray, int, int], np.ndarray], nprobe: int) -> float:
+        """Recall@10 of ``search(queries, k, nprobe) -> ids`` against the exact top-10."""
+        found = search(self.queries, K, nprobe)
+        return float(np.mean([len(set(row[row >= 0].tolist()) & set(f.tolist())) / max(1, int((row >= 0).sum()))
+                              for row, f in zip(self._ids, found, strict=True)]))
+
+    def curve(self, search: Callable[[np.ndarray, int, int], np.ndarray], nlist: int) -> list[tuple[int, float]]:
+        """``recall`` at each ``ladder`` step of ``nlist``, up to 0.995."""
         points = []
-        for nprobe in ladder(index.nlist):
-            _, found = index.search(self.queries, K, params=faiss.SearchParametersIVF(nprobe=nprobe))
-            recall = float(np.mean([len(t & set(f.tolist())) / max(1, len(t)) for t, f in zip(truth, found,
-                                                                                               strict=True)]))
+        for nprobe in ladder(nlist):
+            recall = self.recall(search, nprobe)
             points.append((nprobe, round(recall, 4)))
             if recall >= 0.995:
                 break

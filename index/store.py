@@ -242,11 +242,11 @@ class RetrievalStore:
         all_ids = np.array(session.scalars(select(Embedding.id).where(*_where(*key))).all(), dtype=np.int64)
         sample = np.zeros((0, dim), np.float32)
         if len(all_ids) > self.params.exact_max:
-            chosen = np.random.default_rng(0).choice(all_ids, train_size(len(all_ids), self.params), replace=False)
+            chosen = np.random.default_rng(0).choice(all_ids, train_size(len(all_ids), self.params, dim), replace=False)
             sample = np.concatenate([v for _, _, v in self._vectors(session, key, np.sort(chosen).tolist())])
         del all_ids
-        index = VectorIndex.empty(dim, self._count(session, key), sample, self.params)
-        calibration = Calibration(sample) if index.kind == "ivf" else None
+        index = VectorIndex.empty(dim, self._count(session, key), sample, self.params, self._path(*key))
+        calibration = Calibration(sample) if index.kind != "flat" else None
         del sample
         parts = []
         for ids, image_ids, vectors in self._vectors(session, key, None):

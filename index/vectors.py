@@ -9,6 +9,10 @@
   widens ``nprobe`` by the filter's selectivity, and probes every list (exact over the allowed set,
   in FAISS, no Python walk) when that is as cheap or the allowed set is small; a widened search
   that finds fewer than ``k`` probes every list, so a filter still returns ``k`` hits when ``k`` exist.
+* Past ``compress_past`` vectors, or when full vectors would not fit ``memory_gb``, the index is
+  compressed: IVF-PQ codes in RAM (``pq_bytes`` per vector), full vectors on disk memory-mapped
+  (``index.fullvectors``), and each search re-ranks ``rerank`` x k PQ candidates exactly, so its
+  calibrated recall is that of the whole search. Its files live beside the index file.
 * Adds and removes are incremental. On a GPU build with a GPU, unfiltered searches run on a GPU
   copy that is refreshed after removals (GPU indexes cannot remove); the CPU index stays the truth.
 * ``outgrown()`` says when the index no longer fits its size (flat past ``exact_max``, IVF ``retrain_factor``
@@ -29,14 +33,17 @@ import threading
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import faiss
 import numpy as np
 
 from index.calibrate import Calibration, nprobe_for
+from index.fullvectors import FullVectors, remove_unreferenced
 
 MAGIC = b"XDLIDX1\n"  # manifest + index
 MAGIC_OWNERS = b"XDLIDX2\n"  # manifest + id -> image id arrays + index
+MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
 
 @dataclass(frozen=True)
 class IndexParams:
@@ -49,6 +56,10 @@ class IndexParams:
     use_gpu: bool | None = None  # None: when faiss has GPUs
     retrain_factor: float = 4.0  # an IVF index this many times larger or smaller than trained is rebuilt
     follow_size: bool = True  # False: keep the kind chosen at build time (the old behaviour, for benches)
+    compress_past: int = 5_000_000  # IVF-PQ + on-disk re-ranking past this many vectors
+    memory_gb: float | None = None  # ... or when full vectors of one index would take more RAM than this
+    pq_bytes: int | None = None  # PQ code size; None: dim / 8 (32x smaller than float32)
+    rerank: int = 16  # compressed: PQ candidates re-scored exactly per wanted hit (calibration may raise it)
 
 
 @dataclass(frozen=True)
@@ -56,21 +67,40 @@ class Manifest:
     """What a saved index holds: its kind, size, and the change-log position it covers."""
 
     dim: int
-    kind: str  # flat | ivf
+    kind: str  # flat | ivf | ivfpq
     count: int
     position: int = 0  # the last embedding_changes.seq applied
     trained: int = 0  # IVF: the number of vectors it was trained for
     curve: list[tuple[int, float]] | None = None  # IVF: (nprobe, calibrated recall@10), rising
     owners: bool = False  # the file holds the id -> image id map too
+    segments: list[tuple[str, int]] | None = None  # ivfpq: full-vector files beside it, (name, rows)
+    rerank: int = 0  # ivfpq: calibrated candidates per wanted hit
 
 
 def nlist_for(size: int, params: IndexParams) -> int:
     return params.nlist or max(16, int(4 * np.sqrt(size)))
 
 
-def train_size(size: int, params: IndexParams) -> int:
-    """IVF training vectors for ``size``: grows with nlist, so every list gets enough points."""
-    return min(size, params.train_sample or 64 * nlist_for(size, params))
+def kind_for(size: int, dim: int, params: IndexParams) -> str:
+    if size <= params.exact_max:
+        return "flat"
+    too_big = params.memory_gb is not None and size * dim * 4 > params.memory_gb * 2**30
+    return "ivfpq" if size > params.compress_past or too_big else "ivf"
+
+
+def pq_bytes(dim: int, params: IndexParams) -> int:
+    """Code bytes per vector: a divisor of ``dim`` (FAISS splits the vector into that many parts)."""
+    wanted = params.pq_bytes or max(1, dim // 8)
+    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
+
+
+def train_size(size: int, params: IndexParams, dim: int = 0) -> int:
+    """IVF training vectors for ``size``: grows with nlist, so every list gets enough points (and
+    a compressed index's 256 PQ centroids per part get the 39 points each that FAISS asks for)."""
+    wanted = params.train_sample or 64 * nlist_for(size, params)
+    if dim and kind_for(size, dim, params) == "ivfpq":
+        wanted = max(wanted, 64 * 256)
+    return min(size, wanted)
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -86,8 +116,12 @@ class VectorIndex:
     """Thread-safe: searches share a lock with mutations (FAISS allows concurrent searches only)."""
 
     def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0,
-                 curve: list[tuple[int, float]] | None = None) -> None:
-        self.index, self.dim, self.params = index, dim, params
+                 curve: list[tuple[int, float]] | None = None, full: FullVectors | None = None,
+                 rerank: int = 0) -> None:
+        self.index, self.dim, self.params, self.full = index, dim, params, full
+        self.rerank = rerank or params.rerank
+        if isinstance(index, faiss.IndexIVFPQ) != (full is not None):
+            raise ValueError("a compressed index needs its full vectors, and only it has them")
         self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
         self.curve = [(int(p), float(r)) for p, r in curve or []] if isinstance(index, faiss.IndexIVF) else []
         self._lock = threading.RLock()
@@ -97,31 +131,40 @@ class VectorIndex:
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
-    def empty(cls, dim: int, size: int, sample: np.ndarray, params: IndexParams | None = None) -> VectorIndex:
-        """An empty index of the kind that fits ``size`` vectors; IVF is trained on ``sample``."""
+    def empty(cls, dim: int, size: int, sample: np.ndarray, params: IndexParams | None = None,
+              path: Path | None = None) -> VectorIndex:
+        """An empty index of the kind that fits ``size`` vectors; IVF is trained on ``sample``. A
+        compressed index keeps its full vectors beside ``path`` (where it will be saved)."""
         params = params or IndexParams()
-        if size <= params.exact_max:
+        kind = kind_for(size, dim, params)
+        if kind == "flat":
             return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim, params)
         nlist = nlist_for(size, params)
         quantizer = faiss.IndexFlatIP(dim)
-        ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if kind == "ivfpq":
+            if path is None:
+                raise ValueError(f"a compressed index of {size} vectors needs a path for its full vectors")
+            ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_bytes(dim, params), 8, faiss.METRIC_INNER_PRODUCT)
+        else:
+            ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         ivf.train(_as_matrix(sample, dim))
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by id
         # faiss's Python wrapper keeps the quantizer alive with the index
-        return cls(ivf, dim, params, trained=size)
+        full = FullVectors(path, dim) if kind == "ivfpq" and path is not None else None
+        return cls(ivf, dim, params, trained=size, full=full)
 
     @classmethod
-    def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None
-              ) -> VectorIndex:
+    def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None,
+              path: Path | None = None) -> VectorIndex:
         params = params or IndexParams()
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         x = _as_matrix(vectors, dim) if len(ids) else np.zeros((0, dim), np.float32)
         sample = x
         if len(ids) > params.exact_max:
             rng = np.random.default_rng(0)
-            sample = x[rng.choice(len(x), size=min(len(x), train_size(len(x), params)), replace=False)]
-        index = cls.empty(dim, len(ids), sample, params)
-        calibration = Calibration(sample) if index.kind == "ivf" else None
+            sample = x[rng.choice(len(x), size=train_size(len(x), params, dim), replace=False)]
+        index = cls.empty(dim, len(ids), sample, params, path)
+        calibration = Calibration(sample) if index.kind != "flat" else None
         index.add(ids, x)
         if calibration is not None:
             calibration.observe(ids, x)
@@ -131,8 +174,16 @@ class VectorIndex:
     def calibrate(self, calibration: Calibration) -> None:
         """Measure the recall curve of this IVF index against ``calibration``'s exact top-10
         (which must have observed every vector added)."""
+        def search(q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
+            return self._search(q, k, None, nprobe)[1]
+
         with self._lock:
-            self.curve = calibration.curve(self.index)
+            nlist = int(self.index.nlist)
+            # Compressed: first enough candidates that probing every list finds 99 % of the true top-10
+            # (PQ distances alone rank too coarsely for that), then the nprobe curve at that depth.
+            while self.full is not None and self.rerank < MAX_RERANK and calibration.recall(search, nlist) < 0.99:
+                self.rerank *= 2
+            self.curve = calibration.curve(search, nlist)
 
     def nprobe(self, recall: float | None = None, nprobe: int | None = None) -> int:
         """Lists an IVF search probes: ``nprobe`` if given, else the calibrated value for ``recall``."""
@@ -145,8 +196,11 @@ class VectorIndex:
         """True when another kind (or a retrained IVF) fits the current size better."""
         if not self.params.follow_size:
             return False
+        if self.kind != kind_for(max(self.ntotal, self.trained if self.kind == "ivfpq" else 0), self.dim,
+                                 self.params):
+            return True  # (a compressed index is not decompressed while it is smaller than it was trained for)
         if self.kind == "flat":
-            return self.ntotal > self.params.exact_max
+            return False
         if not self.curve:  # saved before calibration existed: rebuild (and calibrate) once
             return True
         factor = self.params.retrain_factor
@@ -154,7 +208,9 @@ class VectorIndex:
 
     @property
     def kind(self) -> str:
-        return "ivf" if isinstance(self.index, faiss.IndexIVF) else "flat"
+        if isinstance(self.index, faiss.IndexIVF):
+            return "ivfpq" if self.full is not None else "ivf"
+        return "flat"
 
     @property
     def ntotal(self) -> int:
@@ -170,7 +226,8 @@ class VectorIndex:
             return faiss.vector_to_array(self.index.id_map).astype(np.int64)
 
     def manifest(self, position: int = 0) -> Manifest:
-        return Manifest(self.dim, self.kind, self.ntotal, position, self.trained, self.curve or None)
+        return Manifest(self.dim, self.kind, self.ntotal, position, self.trained, self.curve or None,
+                        rerank=self.rerank if self.full is not None else 0)
 
     # -- mutation -----------------------------------------------------------------------------
 
@@ -180,6 +237,8 @@ class VectorIndex:
             return
         x = _as_matrix(vectors, self.dim)
         with self._lock:
+            if self.full is not None:
+                self.full.add(ids, x)  # first: a search never finds an id whose vector is not there
             self.index.add_with_ids(x, ids)
             if self._gpu is not None:
                 self._gpu.add_with_ids(x, ids)
@@ -229,9 +288,27 @@ class VectorIndex:
             params = faiss.SearchParameters()
         if selector is not None:
             params.sel = selector
+        if self.full is not None:
+            return self._rerank(q, k, *self.index.search(q, k * self.rerank, params=params))
         gpu = self._gpu_index() if selector is None else None
         scores, ids = (gpu or self.index).search(q, k, params=None if gpu is not None else params)
         scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def _rerank(self, q: np.ndarray, k: int, _: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exact top-k of each query among its PQ candidates, scored on the full vectors."""
+        assert self.full is not None
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        ids = np.full((len(q), k), -1, np.int64)
+        for i, row in enumerate(candidates):
+            row = row[row >= 0]
+            if not len(row):
+                continue
+            exact = self.full.get(row) @ q[i]
+            exact[np.isnan(exact)] = -np.inf
+            top = np.argsort(-exact, kind="stable")[:k]
+            top = top[np.isfinite(exact[top])]
+            scores[i, :len(top)], ids[i, :len(top)] = exact[top], row[top]
         return scores, ids
 
     def _gpu_index(self) -> faiss.Index | None:
@@ -254,6 +331,8 @@ class VectorIndex:
         id -> image id arrays when given (``owners``, exactly the index's ids), and the index, in
         one file, through a unique temporary file that is renamed over ``path``."""
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.full is not None and self.full.path.resolve() != path.resolve():
+            raise ValueError(f"a compressed index is saved where its full vectors are ({self.full.path}), not {path}")
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f, self._lock:
@@ -262,11 +341,16 @@ class VectorIndex:
                     if len(owners[0]) != self.ntotal or len(owners[1]) != self.ntotal:
                         raise ValueError(f"owners of {len(owners[0])} ids for an index of {self.ntotal}")
                     manifest = Manifest(**{**asdict(manifest), "owners": True})
+                segments = self.full.persist() if self.full is not None else []
+                if segments:
+                    manifest = Manifest(**{**asdict(manifest), "segments": [(n, len(i)) for n, i in segments]})
                 header = json.dumps(asdict(manifest)).encode()
                 f.write((MAGIC_OWNERS if owners is not None else MAGIC) + len(header).to_bytes(8, "little") + header)
                 if owners is not None:
                     for array in owners:
                         f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
+                for _, ids in segments:
+                    f.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
                 faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
                 f.flush()
                 os.fsync(f.fileno())
@@ -276,6 +360,7 @@ class VectorIndex:
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
+        remove_unreferenced(path, {name for name, _ in manifest.segments or []})
         return manifest
 
     @classmethod
@@ -299,19 +384,17 @@ class VectorIndex:
                 raise ValueError(f"{path}: corrupt header")
             fields = json.loads(f.read(size))
             fields["curve"] = [tuple(point) for point in fields.get("curve") or []] or None
+            fields["segments"] = [(str(n), int(c)) for n, c in fields.get("segments") or []] or None
             manifest = Manifest(**fields)
             if magic == MAGIC_OWNERS:
-                arrays = []
-                for _ in range(2):
-                    data = f.read(8 * manifest.count)
-                    if len(data) != 8 * manifest.count:
-                        raise ValueError(f"{path}: truncated id map")
-                    arrays.append(np.frombuffer(data, dtype="<i8").astype(np.int64))
-                owners = (arrays[0], arrays[1])
+                owners = (_read_ids(f, manifest.count, path), _read_ids(f, manifest.count, path))
+            segments = [(name, _read_ids(f, rows, path)) for name, rows in manifest.segments or []]
             index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
+        full = FullVectors(path, manifest.dim, segments) if isinstance(index, faiss.IndexIVFPQ) else None
         if not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIVF):
             raise ValueError(f"{path}: unexpected index type {type(index).__name__}")
-        loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained, curve=manifest.curve)
+        loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained, curve=manifest.curve,
+                     full=full, rerank=manifest.rerank)
         if (loaded.ntotal, loaded.dim, loaded.kind) != (manifest.count, manifest.dim, manifest.kind):
             raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
                              f"manifest says {manifest}")
@@ -329,6 +412,13 @@ class VectorIndex:
                     tmp.unlink()
                     removed += 1
         return removed
+
+
+def _read_ids(f: BinaryIO, count: int, path: Path) -> np.ndarray:
+    data = f.read(8 * count)
+    if len(data) != 8 * count:
+        raise ValueError(f"{path}: truncated id map")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)
 
 
 def _temp_prefix(path: Path) -> str:

@@ -52,7 +52,7 @@ class Services:
         self.engine = make_engine(settings.sqlalchemy_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(
-            use_gpu=settings.use_gpu_index, recall=settings.search_recall))
+            use_gpu=settings.use_gpu_index, recall=settings.search_recall, memory_gb=settings.index_memory_gb))
         self.text_queries: dict[str, TextQueries] = {}  # per kind, made by xdlabel.search on first use
         self._lock = threading.Lock()
         # One model call at a time in this process (search and the ML backend): the model's memory is

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     caption_steps: int | None = None  # None: the bundled model's with it, else the model config's
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     search_recall: float = Field(default=0.95, gt=0, le=1)  # recall@10 target of searches (IVF calibrated)
+    # RAM for one index's full vectors; past it (or past 5M vectors) the index is IVF-PQ with full vectors
+    # on disk, memory-mapped, for exact re-ranking. None: no budget.
+    index_memory_gb: float | None = Field(default=None, gt=0)
     require_api_key: bool = True
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
     max_image_bytes: int = 100 * 1024 * 1024  # ingested files and downloads
