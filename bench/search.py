@@ -29,10 +29,8 @@ Not a test; prints tables.
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -230,13 +228,12 @@ def http_row(n: int, url: str, tmp: str, nprobe: int, params: object, queries: n
     import dataclasses
 
     import httpx
-    import uvicorn
     from safetensors.torch import save_file
 
     from xdecoder import build_model, official_state_dict
     from xdecoder.config import CONFIGS
-    from xdlabel.api import create_app
     from xdlabel.api.auth import create_api_key
+    from xdlabel.api.inthread import ThreadedServer
     from xdlabel.services import ModelInfo, Services
     from xdlabel.settings import Settings
 
@@ -253,26 +250,17 @@ def http_row(n: int, url: str, tmp: str, nprobe: int, params: object, queries: n
     services.store.params = dataclasses.replace(services.store.params, nprobe=nprobe)
     with services.sessions() as session:
         key = create_api_key(session, "bench")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(services=services), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-API-Key": key}, timeout=600)
-    start = time.perf_counter()
-    client.post("/v1/search/text", json={"query": "warm up", "k": 10})  # loads the index
-    print(f"HTTP first request (index load) {time.perf_counter() - start:.1f}s", flush=True)
     times = []
-    for i in range(len(queries)):
+    with ThreadedServer(services) as base:
+        client = httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=600)
         start = time.perf_counter()
-        r = client.post("/v1/search/text", json={"query": f"a photo of thing {i}", "k": 10})
-        times.append(time.perf_counter() - start)
-        assert r.status_code == 200, r.text
-    server.should_exit = True
-    thread.join(10)
+        client.post("/v1/search/text", json={"query": "warm up", "k": 10})  # loads the index
+        print(f"HTTP first request (index load) {time.perf_counter() - start:.1f}s", flush=True)
+        for i in range(len(queries)):
+            start = time.perf_counter()
+            r = client.post("/v1/search/text", json={"query": f"a photo of thing {i}", "k": 10})
+            times.append(time.perf_counter() - start)
+            assert r.status_code == 200, r.text
     return {"n": n, "path": "xdlabel HTTP (incl. text encoding)", "build_s": float("nan"), "mem_mb": float("nan"),
             "p50_ms": float(np.percentile(times, 50) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3),
             "qps": 1 / float(np.mean(times)), "recall": float("nan"), "note": "sequential requests"}

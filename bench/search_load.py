@@ -12,7 +12,6 @@ share this process (and its GIL) and the machine.
 from __future__ import annotations
 
 import itertools
-import socket
 import tempfile
 import threading
 import time
@@ -24,13 +23,12 @@ import numpy as np
 
 def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dict[str, Any]]:
     import httpx
-    import uvicorn
 
     from bench.realistic import realistic
     from bench.search import populate_sql
     from index.db import upgrade
-    from xdlabel.api import create_app
     from xdlabel.api.auth import create_api_key
+    from xdlabel.api.inthread import ThreadedServer
     from xdlabel.services import Services
     from xdlabel.settings import Settings
     from xdlabel.textqueries import TextQueries
@@ -46,15 +44,8 @@ def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dic
         services.store.index(model.version_id, "image", model.image_dim)  # loaded before the clock starts
         with services.sessions() as session:
             key = create_api_key(session, "bench")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(create_app(services=services), port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
+        server = ThreadedServer(services)
+        base = server.__enter__()
         counter = itertools.count()
         for mode, shipped in (("baseline: no cache, no batching", False), ("shipped: cache + batching", True)):
             for workload in ("repeated", "distinct"):
@@ -102,8 +93,7 @@ def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dic
                                  "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors),
                                  "model_calls": encoder.calls, "requests": len(times)})
                     print(f"  {rows[-1]}", flush=True)
-        server.should_exit = True
-        thread.join(10)
+        server.__exit__()
         services.engine.dispose()
     return rows
 

@@ -2,9 +2,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image, ImageDraw
 
 from annotator.client import LabelStudioClient
 from annotator.localserver import LocalLabelStudio, ensure_virtualenv
-from xdlabel.api import create_app
-from xdlabel.services import Services
+from xdlabel.api.inthread import ThreadedServer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -136,29 +131,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
-class Server:
-    """xdlabel's HTTP app under a real uvicorn server on a free port, in a thread."""
-
-    def __init__(self, services: Services) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(create_app(services=services), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
+Server = ThreadedServer  # the name the tests use
 
 
 
