@@ -93,7 +93,8 @@ class FullVectors:
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Vectors [n, dim] of ``ids``; rows of ids it does not hold are NaN."""
         ids = np.asarray(ids, np.int64).ravel()
-        out = np.full((len(ids), self.dim), np.nan, np.float32)
+        out = np.empty((len(ids), self.dim), np.float32)  # not pre-filled: re-ranking reads thousands of rows
+        filled = np.zeros(len(ids), bool)
         if len(self._ids):
             pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
             found = np.flatnonzero(self._ids[pos] == ids)
@@ -103,11 +104,14 @@ class FullVectors:
                 chosen = parts == part
                 order = np.argsort(rows[chosen])  # ascending offsets: sequential reads of the file
                 out[found[chosen][order]] = self._segments[int(part)][2][rows[chosen][order]]
+            filled[found] = True
         if self._growing_row_of:
             newer = [(i, self._growing_row_of[v]) for i, v in enumerate(ids.tolist()) if v in self._growing_row_of]
             if newer:
                 at, rows_ = (np.array(x, np.int64) for x in zip(*newer, strict=True))
                 out[at] = self._growing_array()[rows_]
+                filled[at] = True
+        out[~filled] = np.nan
         return out
 
     def _growing_array(self) -> np.ndarray:
