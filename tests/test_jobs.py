@@ -271,7 +271,9 @@ def test_cancel_and_shutdown_stop_a_job_after_a_batch_and_a_rerun_resumes_it(mig
     again, with its reason."""
     services = Services(Settings(data_dir=tmp_path / "data", database_url=migrated_url, short_side=64,
                                  caption_steps=1))
-    make_images(tmp_path / "photos", 6)
+    # 12 images in batches of 2: the shutdown watcher polls the job's progress, and a loaded CPU once let a
+    # run of 6 images finish before the watcher saw its first batch
+    make_images(tmp_path / "photos", 12)
     (tmp_path / "photos" / "a_broken.png").write_bytes(b"nope")  # listed first: fails in the first batch
     with services.sessions() as s:
         job_id = jobs.submit(s, "ingest", {"sources": [str(tmp_path / "photos")], "dataset": "c",
@@ -281,7 +283,7 @@ def test_cancel_and_shutdown_stop_a_job_after_a_batch_and_a_rerun_resumes_it(mig
         assert jobs.cancel(s, job_id).state == "cancelling"  # type: ignore[union-attr]
     assert jobs.run(services, job) == "cancelled"
     cancelled = row(services.sessions, job_id)
-    assert cancelled.total == 7 and 0 < cancelled.done + cancelled.failed < 7 and cancelled.lease_expires_at is None
+    assert cancelled.total == 13 and 0 < cancelled.done + cancelled.failed < 13 and cancelled.lease_expires_at is None
     with services.sessions() as s:
         queued = jobs.submit(s, "ingest", {"sources": ["x"], "dataset": "d"})
         assert jobs.cancel(s, queued.id).state == "cancelled"  # type: ignore[union-attr]
@@ -301,13 +303,13 @@ def test_cancel_and_shutdown_stop_a_job_after_a_batch_and_a_rerun_resumes_it(mig
     watcher.join()
     released = row(services.sessions, job_id)
     assert released.state == "queued" and released.lease_expires_at is None and released.failed == 1
-    assert released.done + released.failed < 7
+    assert released.done + released.failed < 13
     with services.sessions() as s:
         again = jobs.claim(s, "second")
     assert again is not None and again.id == job_id and again.lease_token == 2
     assert jobs.run(services, again) == "done"
     final = row(services.sessions, job_id)
-    assert (final.state, final.total, final.done, final.failed, final.worker) == ("done", 7, 6, 1, "second")
+    assert (final.state, final.total, final.done, final.failed, final.worker) == ("done", 13, 12, 1, "second")
     assert [e["uri"] for e in final.errors] == [(tmp_path / "photos" / "a_broken.png").as_uri()]
     assert "not a readable image" in final.errors[0]["reason"]
     services.engine.dispose()
