@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from contextlib import suppress
 from pathlib import Path
@@ -67,13 +68,6 @@ class FullVectors:
     @property
     def segments(self) -> list[tuple[str, np.ndarray]]:
         return [(name, ids) for name, ids, _ in self._segments]
-
-    def __len__(self) -> int:
-        return len(self._ids) + sum(1 for i in self._growing_row_of if not self._in_segments(i))
-
-    def _in_segments(self, id_: int) -> bool:
-        pos = int(np.searchsorted(self._ids, id_))
-        return pos < len(self._ids) and int(self._ids[pos]) == id_
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         x = np.ascontiguousarray(vectors, dtype="<f4")
@@ -134,19 +128,10 @@ class FullVectors:
             self._reindex()
         return self.segments
 
-    def discard(self) -> None:
-        """Delete the growing file (an index that is thrown away)."""
-        if self._growing is not None:
-            with suppress(FileNotFoundError):
-                self._growing.unlink()
-            self._growing = None
-
 
 def remove_unreferenced(index_path: Path, keep: set[str], min_age_s: float = 3600.0) -> int:
     """Delete segment files of ``index_path`` that its latest file does not name and that are older
     than ``min_age_s`` (a recent one may belong to an index another process is about to save)."""
-    import time
-
     removed = 0
     for file in index_path.parent.glob(f"{index_path.name}.*.vec"):
         if file.name not in keep and time.time() - file.stat().st_mtime > min_age_s:

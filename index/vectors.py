@@ -150,7 +150,7 @@ class VectorIndex:
         ivf.train(_as_matrix(sample, dim))
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by id
         # faiss's Python wrapper keeps the quantizer alive with the index
-        full = FullVectors(path, dim) if kind == "ivfpq" and path is not None else None
+        full = FullVectors(path, dim) if path is not None and kind == "ivfpq" else None
         return cls(ivf, dim, params, trained=size, full=full)
 
     @classmethod
@@ -196,9 +196,10 @@ class VectorIndex:
         """True when another kind (or a retrained IVF) fits the current size better."""
         if not self.params.follow_size:
             return False
-        if self.kind != kind_for(max(self.ntotal, self.trained if self.kind == "ivfpq" else 0), self.dim,
-                                 self.params):
-            return True  # (a compressed index is not decompressed while it is smaller than it was trained for)
+        # a compressed index is not decompressed while it is smaller than it was trained for
+        size = max(self.ntotal, self.trained) if self.kind == "ivfpq" else self.ntotal
+        if self.kind != kind_for(size, self.dim, self.params):
+            return True
         if self.kind == "flat":
             return False
         if not self.curve:  # saved before calibration existed: rebuild (and calibrate) once
@@ -289,13 +290,14 @@ class VectorIndex:
         if selector is not None:
             params.sel = selector
         if self.full is not None:
-            return self._rerank(q, k, *self.index.search(q, k * self.rerank, params=params))
+            _, candidates = self.index.search(q, k * self.rerank, params=params)
+            return self._rerank(q, k, candidates)
         gpu = self._gpu_index() if selector is None else None
         scores, ids = (gpu or self.index).search(q, k, params=None if gpu is not None else params)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _rerank(self, q: np.ndarray, k: int, _: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _rerank(self, q: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The exact top-k of each query among its PQ candidates, scored on the full vectors."""
         assert self.full is not None
         scores = np.full((len(q), k), -np.inf, np.float32)
@@ -360,7 +362,8 @@ class VectorIndex:
                 os.unlink(tmp)
             raise
         _fsync_dir(path.parent)
-        remove_unreferenced(path, {name for name, _ in manifest.segments or []})
+        if self.full is not None:  # only a compressed index has segment files to look for
+            remove_unreferenced(path, {name for name, _ in manifest.segments or []})
         return manifest
 
     @classmethod
