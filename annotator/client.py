@@ -10,7 +10,6 @@ from typing import Any, NoReturn
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from label_studio_sdk import LabelStudio
 from label_studio_sdk.core.api_error import ApiError
 
 from annotator.fetcher import FetchError, GuardedFetcher, same_origin
@@ -83,6 +82,8 @@ class LabelStudioClient:
         self.max_retry_after = 30.0  # seconds: a larger Retry-After is cut to this
         # The SDK's own retries would resend a POST whose answer was lost (a duplicate prediction):
         # retries are decided here, per call, instead.
+        from label_studio_sdk import LabelStudio  # ~2.5 s to import: only where a client is made
+
         self.sdk = LabelStudio(base_url=self.url, api_key=token, timeout=timeout, max_retries=0)
         self._access: tuple[str, float] | None = None
         self._lock = threading.Lock()

@@ -10,10 +10,10 @@ pixels; `tolerance` (pixels) then bounds how far a simplified outline strays.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from label_studio_sdk.converter import brush
 from pycocotools import mask as coco_mask
 from skimage import draw, measure
 
@@ -29,12 +29,19 @@ def _check_mask(mask: np.ndarray) -> np.ndarray:
 
 # -- brush RLE ---------------------------------------------------------------------------------------
 
+def _brush() -> ModuleType:
+    # Imported on first use: the SDK's converter package costs ~2.5 s to import, and most processes
+    # that import this module (ingest workers, the command line) never draw a brush.
+    from label_studio_sdk.converter import brush
+    return brush
+
+
 def mask_to_brush_rle(mask: np.ndarray) -> list[int]:
-    return [int(v) for v in brush.mask2rle(_check_mask(mask).astype(np.uint8) * 255)]
+    return [int(v) for v in _brush().mask2rle(_check_mask(mask).astype(np.uint8) * 255)]
 
 
 def brush_rle_to_mask(rle: list[int], height: int, width: int) -> np.ndarray:
-    flat = np.asarray(brush.decode_rle(rle), dtype=np.uint8)
+    flat = np.asarray(_brush().decode_rle(rle), dtype=np.uint8)
     if flat.size != height * width * 4:
         raise ValueError(f"brush RLE holds {flat.size // 4} pixels, the image has {height}x{width}")
     return flat.reshape(height, width, 4)[:, :, 3] > 127

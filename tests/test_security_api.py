@@ -34,7 +34,7 @@ from sqlalchemy import select
 from index.db import upgrade
 from index.models import Image as ImageRow
 from tests.conftest import Server, make_images
-from xdlabel.api import create_app
+from xdlabel.api.app import create_app
 from xdlabel.api.auth import create_api_key
 from xdlabel.ingest import ingest_files
 from xdlabel.jobs import work

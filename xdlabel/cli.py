@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from index.db import upgrade
-    from xdlabel.api import create_app
+    from xdlabel.api.app import create_app
 
     settings = settings_of(args)
     upgrade(settings.sqlalchemy_url)

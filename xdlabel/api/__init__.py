@@ -1,5 +1,4 @@
-"""The HTTP API (FastAPI, versioned under /v1)."""
+"""The HTTP API (FastAPI, versioned under /v1); the app is built by ``xdlabel.api.app.create_app``.
 
-from xdlabel.api.app import create_app
-
-__all__ = ["create_app"]
+Nothing is imported here: commands that only need ``xdlabel.api.auth`` (API keys) must not pay for
+the model, Label Studio's converter and FastAPI on every run."""
