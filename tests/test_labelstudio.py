@@ -239,8 +239,10 @@ def test_ml_backend_called_by_label_studio(backend: dict[str, Any], ls_client: L
     grounded = predictor.ground(predictor.encode(read_image(images[0].read_bytes())[0]), ["the ball"])[0][0]
     assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["Ball"]
     assert np.array_equal(result_to_mask(region), grounded.mask)
-    # A click picks the best predicted region under it.
-    ys, xs = np.nonzero(grounded.mask) if grounded.mask.any() else (np.array([60]), np.array([80]))
+    # A click picks the best predicted region under it: a click where the model is surest of the ball
+    # (an edge pixel of its mask may lie under no predicted region).
+    ys, xs = (np.array([v]) for v in np.unravel_index(np.argmax(np.where(grounded.mask, grounded.logits, -np.inf)),
+                                                     grounded.mask.shape))
     click = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": 160,
              "original_height": 120, "value": {"x": (xs[0] + 0.5) / 1.6, "y": (ys[0] + 0.5) / 1.2, "width": 0.6,
                                               "keypointlabels": ["Ball"]}, "is_positive": True}

@@ -171,7 +171,7 @@ def test_every_region_carries_the_label_a_person_would_pick_on_photos_and_shapes
     carries the label a person would pick for the object under it: the label of the scene's true class
     covering most of a mask (for a box, the object whose bounding box it overlaps most). On every image,
     a region sits only in its label's tool (Ball and the ground brushed, Box a polygon, Triangle a box),
-    and no control shows one object twice."""
+    and no control shows one object twice. Every shape scene has at least one region checked."""
     title = "photos-and-shapes"
     folder = label_studio.files_root / title
     folder.mkdir(parents=True)
@@ -195,7 +195,7 @@ def test_every_region_carries_the_label_a_person_would_pick_on_photos_and_shapes
               "sand": "Sand", "water": "Water"}
     tool = {"Ball": "mask", "Sky": "mask", "Grass": "mask", "Sand": "mask", "Water": "mask", "Box": "poly",
             "Triangle": "box"}
-    checked = 0
+    checked = [0] * len(scenes)
     for k, task_id in enumerate(task_ids):
         (prediction,) = held[task_id]
         by_control: dict[str, list[np.ndarray]] = {}
@@ -214,8 +214,8 @@ def test_every_region_carries_the_label_a_person_would_pick_on_photos_and_shapes
             else:
                 truth = max(scene.segments, key=lambda s: (scene.mask(s.id) & mask).sum())
             assert label == person[CLASSES[truth.category_id]], (names[k], label, CLASSES[truth.category_id])
-            checked += 1
-    assert checked >= 2 * len(scenes)  # at least the sky and the ground of every scene
+            checked[k] += 1
+    assert min(checked) >= 1, checked  # no shape scene passes for want of regions
 
 
 def test_a_personal_access_token_works_as_xdlabel_ls_token(ls_client: LabelStudioClient,
