@@ -21,6 +21,7 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 __all__ = ["FullVectors", "remove_unreferenced"]
@@ -38,9 +39,8 @@ class FullVectors:
         self._growing: Path | None = None
         self._growing_ids: list[np.ndarray] = []
         self._growing_rows = 0
-        self._growing_row_of: dict[int, int] = {}
-        self._growing_map: np.ndarray | None = None
-        self._reindex()
+        self._growing_view: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ids, rows, memmap
+        self._ids, self._where = _lookup([ids for _, ids, _ in self._segments])
 
     def _open(self, file: Path, rows: int) -> np.ndarray:
         size = file.stat().st_size
@@ -49,21 +49,6 @@ class FullVectors:
         if not rows:
             return np.zeros((0, self.dim), np.float32)
         return np.memmap(file, dtype="<f4", mode="r", shape=(rows, self.dim))
-
-    def _reindex(self) -> None:
-        """id -> (segment, row), sorted by id, over the segments (the growing file has a dict); a later
-        segment wins for a repeated id. Rebuilt when a segment is added, not on every add."""
-        parts = [ids for _, ids, _ in self._segments]
-        if not parts:
-            self._ids, self._where = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            return
-        ids = np.concatenate(parts)
-        where = np.concatenate([(i << 40) | np.arange(len(p), dtype=np.int64) for i, p in enumerate(parts)])
-        order = np.lexsort((np.arange(len(ids)), ids))  # by id, then by position: the last of a run wins
-        ids, where = ids[order], where[order]
-        last = np.ones(len(ids), bool)
-        last[:-1] = ids[1:] != ids[:-1]
-        self._ids, self._where = ids[last], where[last]
 
     @property
     def segments(self) -> list[tuple[str, np.ndarray]]:
@@ -77,42 +62,64 @@ class FullVectors:
             self._growing.parent.mkdir(parents=True, exist_ok=True)
         with open(self._growing, "ab") as f:
             f.write(x.tobytes())
-        ids = np.asarray(ids, np.int64).copy()
-        self._growing_ids.append(ids)
-        self._growing_row_of.update(zip(ids.tolist(), range(self._growing_rows, self._growing_rows + len(ids)),
-                                        strict=True))
+        self._growing_ids.append(np.asarray(ids, np.int64).copy())
         self._growing_rows += len(x)
-        self._growing_map = None
+        self._growing_view = None
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Vectors [n, dim] of ``ids``; rows of ids it does not hold are NaN."""
         ids = np.asarray(ids, np.int64).ravel()
-        out = np.empty((len(ids), self.dim), np.float32)  # not pre-filled: re-ranking reads thousands of rows
-        filled = np.zeros(len(ids), bool)
-        if len(self._ids):
-            pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
-            found = np.flatnonzero(self._ids[pos] == ids)
-            where = self._where[pos[found]]
-            parts, rows = where >> 40, where & ((1 << 40) - 1)
-            for part in np.unique(parts):
-                chosen = parts == part
-                order = np.argsort(rows[chosen])  # ascending offsets: sequential reads of the file
-                out[found[chosen][order]] = self._segments[int(part)][2][rows[chosen][order]]
-            filled[found] = True
-        if self._growing_row_of:
-            newer = [(i, self._growing_row_of[v]) for i, v in enumerate(ids.tolist()) if v in self._growing_row_of]
-            if newer:
-                at, rows_ = (np.array(x, np.int64) for x in zip(*newer, strict=True))
-                out[at] = self._growing_array()[rows_]
-                filled[at] = True
-        out[~filled] = np.nan
+        out = np.full((len(ids), self.dim), np.nan, np.float32)
+        parts = self._parts()
+        for at, part, rows in self._locate(ids):
+            out[at] = parts[part][rows]
         return out
 
-    def _growing_array(self) -> np.ndarray:
-        if self._growing_map is None:
+    def inner_products(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """[nq, m] inner products of each query with the vectors of its row of ``ids`` [nq, m];
+        -inf where an id is negative or not held. FAISS reads the rows in place from the mapped
+        files (no gathered copy: re-ranking reads thousands of rows per query)."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        ids = np.asarray(ids, np.int64)
+        out = np.full(ids.shape, -np.inf, np.float32)
+        parts = self._parts()
+        for at, part, rows in self._locate(ids.ravel()):
+            local = np.full(ids.size, -1, np.int64)
+            local[at] = rows
+            scores = np.empty(ids.shape, np.float32)
+            faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(q), faiss.swig_ptr(parts[part]),
+                                             faiss.swig_ptr(local), self.dim, ids.shape[0], ids.shape[1])
+            out.flat[at] = scores.flat[at]
+        return out
+
+    def _parts(self) -> list[np.ndarray]:
+        """The row arrays, segments first, then the growing file (when it holds rows)."""
+        return [rows for _, _, rows in self._segments] + ([self._growing_lookup()[2]] if self._growing_rows else [])
+
+    def _locate(self, ids: np.ndarray) -> list[tuple[np.ndarray, int, np.ndarray]]:
+        """(positions in ``ids``, part, rows in that part) for each part holding some of ``ids``; an id
+        in the growing file is found there (it is the newest), else in the last segment holding it."""
+        found: list[tuple[np.ndarray, int, np.ndarray]] = []
+        taken = np.zeros(len(ids), bool)
+        if self._growing_rows:
+            at, rows = _find(*self._growing_lookup()[:2], ids)
+            found.append((at, len(self._segments), rows))
+            taken[at] = True
+        at, where = _find(self._ids, self._where, ids)
+        at, where = at[~taken[at]], where[~taken[at]]
+        part = where >> 40
+        for p in np.unique(part):
+            chosen = part == p
+            found.append((at[chosen], int(p), where[chosen] & ((1 << 40) - 1)))
+        return found
+
+    def _growing_lookup(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._growing_view is None:
             assert self._growing is not None
-            self._growing_map = np.memmap(self._growing, dtype="<f4", mode="r", shape=(self._growing_rows, self.dim))
-        return self._growing_map
+            ids, rows = _lookup([np.concatenate(self._growing_ids)])
+            self._growing_view = (ids, rows, np.memmap(self._growing, dtype="<f4", mode="r",
+                                                       shape=(self._growing_rows, self.dim)))
+        return self._growing_view
 
     def persist(self) -> list[tuple[str, np.ndarray]]:
         """Close the growing file as a segment (fsynced, under a final name) and return every segment."""
@@ -123,10 +130,32 @@ class FullVectors:
             os.replace(self._growing, self.path.parent / name)
             ids = np.concatenate(self._growing_ids)
             self._segments.append((name, ids, self._open(self.path.parent / name, len(ids))))
-            self._growing, self._growing_ids, self._growing_rows, self._growing_map = None, [], 0, None
-            self._growing_row_of = {}
-            self._reindex()
+            self._growing, self._growing_ids, self._growing_rows, self._growing_view = None, [], 0, None
+            self._ids, self._where = _lookup([ids for _, ids, _ in self._segments])
         return self.segments
+
+
+def _lookup(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted ids and where each is, ``part << 40 | row``, over ``parts`` (id arrays); a later row wins
+    for a repeated id. Rebuilt when a segment is added, not on every add."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids = np.concatenate(parts)
+    where = np.concatenate([(i << 40) | np.arange(len(p), dtype=np.int64) for i, p in enumerate(parts)])
+    order = np.lexsort((np.arange(len(ids)), ids))  # by id, then by position: the last of a run wins
+    ids, where = ids[order], where[order]
+    last = np.ones(len(ids), bool)
+    last[:-1] = ids[1:] != ids[:-1]
+    return ids[last], where[last]
+
+
+def _find(sorted_ids: np.ndarray, where: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positions in ``ids`` found in ``sorted_ids``, their ``where``)."""
+    if not len(sorted_ids):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    at = np.flatnonzero(sorted_ids[pos] == ids)
+    return at, where[pos[at]]
 
 
 def remove_unreferenced(index_path: Path, keep: set[str], min_age_s: float = 3600.0) -> int:

@@ -298,19 +298,13 @@ class VectorIndex:
         return scores, ids
 
     def _rerank(self, q: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The exact top-k of each query among its PQ candidates, scored on the full vectors."""
+        """The exact top-k of each query among its PQ candidates (``rerank`` x k of them, so at least
+        k), scored on the full vectors."""
         assert self.full is not None
-        scores = np.full((len(q), k), -np.inf, np.float32)
-        ids = np.full((len(q), k), -1, np.int64)
-        for i, row in enumerate(candidates):
-            row = row[row >= 0]
-            if not len(row):
-                continue
-            exact = self.full.get(row) @ q[i]
-            exact[np.isnan(exact)] = -np.inf
-            top = np.argsort(-exact, kind="stable")[:k]
-            top = top[np.isfinite(exact[top])]
-            scores[i, :len(top)], ids[i, :len(top)] = exact[top], row[top]
+        exact = self.full.inner_products(q, candidates)
+        top = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+        scores = np.take_along_axis(exact, top, axis=1)
+        ids = np.where(np.isfinite(scores), np.take_along_axis(candidates, top, axis=1), -1)
         return scores, ids
 
     def _gpu_index(self) -> faiss.Index | None:

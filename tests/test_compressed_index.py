@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from bench.realistic import exact_top, realistic
+from index.fullvectors import FullVectors
 from index.store import RetrievalStore
 from index.vectors import IndexParams, VectorIndex, kind_for
 from tests.test_index_growth import add_images, setup_db
@@ -203,3 +204,28 @@ def test_store_past_its_memory_budget_builds_compressed_and_reopens_without_rebu
     assert fresh.sync(mv, "image", DIM).action == "loaded"
     assert [[h.embedding_id for h in row] for row in fresh.search(mv, "image", queries, 10)] == found
     engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_inner_products_read_in_place_match_the_gathered_vectors(tmp_path: Path) -> None:
+    """100 seeded trials: ids spread over 1-3 saved segments and the growing file, some added again
+    (the newest row wins), some never added or negative; the in-place inner products equal those
+    of the gathered vectors, -inf where an id is not held."""
+    for trial in range(100):
+        rng = np.random.default_rng(trial)
+        dim = int(rng.integers(1, 40))
+        full = FullVectors(tmp_path / f"t{trial}.faiss", dim)
+        latest: dict[int, np.ndarray] = {}
+        for _ in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(1, 3))):
+                ids = rng.choice(60, size=int(rng.integers(1, 20)), replace=False).astype(np.int64)
+                vectors = rng.standard_normal((len(ids), dim)).astype(np.float32)
+                full.add(ids, vectors)
+                latest.update(zip(ids.tolist(), vectors, strict=True))
+            if rng.random() < 0.7:
+                full.persist()
+        asked = rng.integers(-2, 70, size=(int(rng.integers(1, 5)), int(rng.integers(1, 30))))
+        queries = rng.standard_normal((len(asked), dim)).astype(np.float32)
+        got = full.inner_products(queries, asked)
+        for (i, j), v in np.ndenumerate(asked):
+            want = float(latest[v] @ queries[i]) if v in latest else -np.inf
+            assert got[i, j] == pytest.approx(want, rel=1e-5, abs=1e-5), (trial, i, j, v)
