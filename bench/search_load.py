@@ -1,37 +1,42 @@
 """Search throughput under concurrent clients over real HTTP, with the bundled model.
 
-A uvicorn server over a SQLite store of bench/realistic.py vectors (the model's image dimension);
-16 and 64 client threads, each connected before the clock starts, post /v1/search/text for a
-fixed time, with repeated texts (8 texts reused) and distinct texts (a new text every request).
-Each is run twice in the same process: as shipped (query-text cache + micro-batched encodes) and
-as a baseline with both off (cache size 0, no batching window, batches of one: a model call per
-request, except that identical texts in flight at once still share one). Clients and server
-share this process (and its GIL) and the machine.
+A uvicorn server over a SQLite store of bench/realistic.py vectors (the model's image dimension)
+runs in a process of its own, as it would in production; 16 and 64 client threads in this process,
+each connected before the clock starts, post /v1/search/text for a fixed time, with repeated texts
+(8 texts reused) and distinct texts (a new text every request). Each is run against two servers:
+as shipped (query-text cache + micro-batched encodes) and a baseline with both off (cache size 0,
+no batching window, batches of one: a model call per request, except that identical texts in
+flight at once still share one). Clients and server share this machine's cores.
+
+    python -m bench.search_load --serve DATA_DIR DATABASE_URL shipped|baseline   (the server process)
 """
 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+MODES = (("baseline: no cache, no batching", "baseline"), ("shipped: cache + batching", "shipped"))
+
 
 def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dict[str, Any]]:
-    import httpx
-
     from bench.realistic import realistic
     from bench.search import populate_sql
     from index.db import upgrade
     from xdlabel.api.auth import create_api_key
-    from xdlabel.api.inthread import ThreadedServer
     from xdlabel.services import Services
     from xdlabel.settings import Settings
-    from xdlabel.textqueries import TextQueries
 
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,69 +46,118 @@ def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dic
         dim = services.predictor.model.config.dim_proj * 2
         model = services.model  # registers the model version
         populate_sql(url, realistic(n, 1, dim=dim).base, dim, model_version_id=model.version_id)
-        services.store.index(model.version_id, "image", model.image_dim)  # loaded before the clock starts
         with services.sessions() as session:
             key = create_api_key(session, "bench")
-        server = ThreadedServer(services)
-        base = server.__enter__()
-        counter = itertools.count()
-        for mode, shipped in (("baseline: no cache, no batching", False), ("shipped: cache + batching", True)):
-            for workload in ("repeated", "distinct"):
-                for count in clients:
-                    encoder = (TextQueries(services.predictor.text_query_embeddings, services.model_lock)
-                               if shipped else
-                               TextQueries(services.predictor.text_query_embeddings, services.model_lock, size=0,
-                                           window=0, max_batch=1))
-                    services.text_queries["image"] = encoder
-                    times: list[float] = []
-                    errors: list[int] = []
-                    window: list[float] = []  # the measured interval, from when every client is connected
-
-                    def open_window(window: list[float] = window) -> None:
-                        now = time.perf_counter()
-                        window[:] = [now, now + seconds]
-
-                    ready = threading.Barrier(count + 1, action=open_window)  # runs before any thread goes on
-
-                    def client(seed: int, workload: str = workload, times: list[float] = times,
-                               errors: list[int] = errors, ready: threading.Barrier = ready,
-                               window: list[float] = window) -> None:
-                        rng = np.random.default_rng(seed)
-                        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=120) as http:
-                            http.get("/health")  # connected before the clock starts
-                            ready.wait()
-                            while time.perf_counter() < window[1]:
-                                text = (f"a photo of shape {int(rng.integers(0, 8))}" if workload == "repeated"
-                                        else f"a photo of thing {next(counter)}")
-                                start = time.perf_counter()
-                                r = http.post("/v1/search/text", json={"query": text, "k": 10})
-                                times.append(time.perf_counter() - start)
-                                if r.status_code != 200:
-                                    errors.append(r.status_code)
-
-                    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
-                    for t in threads:
-                        t.start()
-                    ready.wait()
-                    for t in threads:
-                        t.join()
-                    wall = time.perf_counter() - window[0]  # includes the requests in flight at the end
-                    rows.append({"mode": mode, "workload": workload, "clients": count, "qps": len(times) / wall,
-                                 "p50_ms": float(np.percentile(times, 50) * 1e3),
-                                 "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors),
-                                 "model_calls": encoder.calls, "requests": len(times)})
-                    print(f"  {rows[-1]}", flush=True)
-        server.__exit__()
         services.engine.dispose()
+        counter = itertools.count()
+        for mode, name in MODES:
+            with _server(tmp, url, name) as (base, calls):
+                for workload in ("repeated", "distinct"):
+                    for count in clients:
+                        before = calls()
+                        row = _measure(base, key, workload, count, seconds, counter)
+                        rows.append({"mode": mode, "workload": workload, "clients": count,
+                                     "model_calls": calls() - before, **row})
+                        print(f"  {rows[-1]}", flush=True)
     return rows
 
 
+@contextmanager
+def _server(data_dir: str, url: str, mode: str) -> Iterator[tuple[str, Any]]:
+    """The server process; yields its URL and a function reading its model-call count."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.search_load", "--serve", data_dir, url, mode],
+                            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def calls() -> int:
+        stdin.write("calls\n")
+        stdin.flush()
+        return int(stdout.readline())
+
+    try:
+        base = stdout.readline().strip()
+        if not base.startswith("http"):
+            raise RuntimeError(f"the server process did not start (exit {proc.poll()})")
+        yield base, calls
+    finally:
+        stdin.close()
+        proc.wait(30)
+
+
+def _measure(base: str, key: str, workload: str, count: int, seconds: float, counter: Iterator[int]
+             ) -> dict[str, Any]:
+    import httpx
+
+    times: list[float] = []
+    errors: list[int] = []
+    window: list[float] = []  # the measured interval, from when every client is connected
+
+    def open_window() -> None:
+        now = time.perf_counter()
+        window[:] = [now, now + seconds]
+
+    ready = threading.Barrier(count + 1, action=open_window)  # runs before any thread goes on
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=120) as http:
+            http.get("/health")  # connected before the clock starts
+            ready.wait()
+            while time.perf_counter() < window[1]:
+                text = (f"a photo of shape {int(rng.integers(0, 8))}" if workload == "repeated"
+                        else f"a photo of thing {next(counter)}")
+                start = time.perf_counter()
+                r = http.post("/v1/search/text", json={"query": text, "k": 10})
+                times.append(time.perf_counter() - start)
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - window[0]  # includes the requests in flight at the end
+    return {"qps": len(times) / wall, "p50_ms": float(np.percentile(times, 50) * 1e3),
+            "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors), "requests": len(times)}
+
+
+def serve(data_dir: str, url: str, mode: str) -> None:
+    """The server process: the store's index and the model loaded before its URL is printed;
+    then each stdin line "calls" is answered with the model calls made so far, until stdin closes."""
+    from xdlabel.api.inthread import ThreadedServer
+    from xdlabel.services import Services
+    from xdlabel.settings import Settings
+    from xdlabel.textqueries import TextQueries
+
+    services = Services(Settings(data_dir=Path(data_dir), database_url=url))
+    embed = services.predictor.text_query_embeddings
+    encoder = (TextQueries(embed, services.model_lock) if mode == "shipped" else
+               TextQueries(embed, services.model_lock, size=0, window=0, max_batch=1))
+    services.text_queries["image"] = encoder
+    model = services.model
+    services.store.index(model.version_id, "image", model.image_dim)  # loaded before the clock starts
+    encoder.vectors(["warm up"])
+    with ThreadedServer(services) as base:
+        print(base, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "calls":
+                print(encoder.calls, flush=True)
+    services.engine.dispose()
+
+
 def print_table(rows: list[dict[str, Any]], n: int) -> None:
-    print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), clients and server "
-          f"in one process on this machine")
+    print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), server in its own "
+          f"process, clients in this one, on this machine")
     header = f"{'mode':<34}{'texts':<10}{'clients':>8}{'QPS':>8}{'p50 ms':>9}{'p99 ms':>9}{'calls':>7}{'errors':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['mode']:<34}{r['workload']:<10}{r['clients']:>8}{r['qps']:>8.0f}{r['p50_ms']:>9.1f}"
               f"{r['p99_ms']:>9.1f}{r['model_calls']:>7}{r['errors']:>7}")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    serve(*sys.argv[2:5])

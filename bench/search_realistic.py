@@ -1,16 +1,16 @@
 """The peer table on bench/realistic.py's set: same vectors, same queries, same run.
 
 Rows: raw FAISS (flat, IVF at the nprobe xdlabel's calibration picks, HNSW, IVF-PQ with exact
-re-rank), hnswlib (``pip install 'xdlabel[bench]'``) and LanceDB when installed (skipped with a
-message otherwise), xdlabel's VectorIndex at its default (recall target 0.95, no hand-set
-parameter) and its 1 % and 10 % filtered searches, then the store over SQLite and PostgreSQL
-(bench/search_store.py: build from SQL, searches, filters through SQL, restart).
+re-rank), xdlabel's VectorIndex at its default (recall target 0.95, no hand-set parameter) and its
+1 % and 10 % filtered searches, the peer libraries (bench/search_peers.py: hnswlib, LanceDB and
+Chroma, each skipped with a message when absent; ``pip install 'xdlabel[bench]'``), then the store
+over SQLite and PostgreSQL (bench/search_store.py: build from SQL, searches, filters through SQL,
+restart).
 Latency: one query at a time; QPS: all queries in one batch.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -136,57 +136,10 @@ def run(n: int, num_queries: int, dim: int = 1024) -> list[Row]:
     add(f"raw FAISS HNSW32 ef {ef}", hnsw_build, len(faiss.serialize_index(hnsw)) / 2**20,
         timed(lambda q: hnsw.search(q, 10, params=faiss.SearchParametersHNSW(efSearch=ef))[1] + 1, queries, truth))
     hnsw.reset()  # its graph is the largest peer structure: freed before the next rows
-    rows += peers(x, ids, queries, truth)
+    from bench import search_peers  # here: it imports this module's helpers
+
+    rows += search_peers.rows(x, ids, data.buckets, queries, truths)
     rows += search_store.rows(x, queries, data.buckets, truths)
-    return rows
-
-
-def peers(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, truth: np.ndarray) -> list[Row]:
-    rows: list[Row] = []
-    n, dim = x.shape
-    try:
-        import hnswlib
-    except ImportError:
-        print("hnswlib not installed (pip install 'xdlabel[bench]'): no hnswlib row", flush=True)
-    else:
-        start = time.perf_counter()
-        peer = hnswlib.Index(space="ip", dim=dim)
-        peer.init_index(max_elements=n, ef_construction=100, M=16)
-        peer.add_items(x, ids)
-        build = time.perf_counter() - start
-
-        def knn(q: np.ndarray, ef: int) -> np.ndarray:
-            peer.set_ef(ef)
-            return np.asarray(peer.knn_query(q, k=10)[0])
-
-        ef = tune(lambda e: knn(queries, e), truth, 16, 4096)
-        rows.append({"n": n, "path": f"hnswlib M16 ef {ef}", "build_s": build, "mem_mb": n * (dim * 4 + 136) / 2**20,
-                     **timed(lambda q: knn(q, ef), queries, truth), "note": ""})
-    try:
-        import lancedb
-    except ImportError:
-        print("lancedb not installed (optional, not in the bench extra: pip install lancedb pyarrow): no LanceDB row",
-              flush=True)
-    else:
-        import pyarrow as pa
-
-        with tempfile.TemporaryDirectory() as tmp:
-            db = lancedb.connect(tmp)
-            start = time.perf_counter()
-            table = db.create_table("v", pa.table({"id": ids, "vector": pa.FixedSizeListArray.from_arrays(
-                pa.array(x.ravel()), dim)}))
-            table.create_index(metric="dot", num_partitions=int(4 * np.sqrt(n)), num_sub_vectors=dim // 8)
-            build = time.perf_counter() - start
-
-            def lance(q: np.ndarray, probes: int) -> np.ndarray:
-                return np.array([table.search(v).metric("dot").nprobes(probes).refine_factor(8).limit(10)
-                                 .to_arrow()["id"].to_numpy() for v in q])
-
-            probes = tune(lambda p: lance(queries[:100], p), truth[:100], 8, 1024)
-            rows.append({"n": n, "path": f"LanceDB IVF-PQ nprobes {probes} refine x8", "build_s": build,
-                         "mem_mb": float("nan"), **timed(lambda q: lance(q, probes), queries[:200], truth[:200]),
-                         "note": "200 queries"})
-    print("chromadb: not measured here (not installed; its wheel pulls onnxruntime)", flush=True)
     return rows
 
 
