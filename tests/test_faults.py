@@ -35,7 +35,7 @@ from index.models import Embedding, Image, Job, ModelVersion, Prediction
 from index.store import RetrievalStore
 from tests.faultkit import Origin, Processes, dead_url, free_port, hold_sqlite_lock, scene, wait_for, wait_http
 
-TRIALS = 3  # per database: 6 in all
+TRIALS = 5  # per database: 10 in all
 FAULT_LOG: list[str] = []  # one line per trial, printed by tests/conftest.py
 # Several model processes share two cores: one thread each, tiny images, short captions.
 FAST = {"OMP_NUM_THREADS": "1", "XDLABEL_SHORT_SIDE": "64", "XDLABEL_CAPTION_STEPS": "2"}
