@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.search_realistic import Row, timed, tune
+from bench.search_realistic import Row, row, timed, tune
 
 Truths = dict[int, np.ndarray]  # filter share in % (0: none) -> true top-10 ids per query
 
@@ -25,12 +25,6 @@ def rows(x: np.ndarray, ids: np.ndarray, buckets: np.ndarray, queries: np.ndarra
     for peer in (_hnswlib, _lancedb, _chroma):
         out += peer(x, ids, buckets, queries, truths)
     return out
-
-
-def _row(n: int, path: str, build: float, mem: float, result: Row, note: str = "") -> Row:
-    row = {"n": n, "path": path, "build_s": build, "mem_mb": mem, **result, "note": note}
-    print(f"  {path}: {result}", flush=True)
-    return row
 
 
 def _missing(name: str) -> list[Row]:
@@ -55,7 +49,7 @@ def _hnswlib(x: np.ndarray, ids: np.ndarray, buckets: np.ndarray, queries: np.nd
         return np.asarray(peer.knn_query(q, k=10)[0])
 
     ef = tune(lambda e: knn(queries, e), truths[0], 16, 4096)
-    return [_row(n, f"hnswlib M16 ef {ef}", build, n * (dim * 4 + 136) / 2**20,
+    return [row(n, f"hnswlib M16 ef {ef}", build, n * (dim * 4 + 136) / 2**20,
                  timed(lambda q: knn(q, ef), queries, truths[0]))]
 
 
@@ -89,10 +83,10 @@ def _lancedb(x: np.ndarray, ids: np.ndarray, buckets: np.ndarray, queries: np.nd
         # partitions at that depth; on 100 queries
         factor = tune(lambda f: lance(queries[:100], 1024, f), truths[0][:100], 8, 256)
         probes = tune(lambda p: lance(queries[:100], p, factor), truths[0][:100], 8, 1024)
-        out.append(_row(n, f"LanceDB IVF-PQ nprobes {probes} refine x{factor}", build, float("nan"),
+        out.append(row(n, f"LanceDB IVF-PQ nprobes {probes} refine x{factor}", build, float("nan"),
                         timed(lambda q: lance(q, probes, factor), queries[:200], truths[0][:200]), "200 queries"))
         for share in (1, 10):
-            out.append(_row(n, f"LanceDB filter {share}% (prefilter)", float("nan"), float("nan"),
+            out.append(row(n, f"LanceDB filter {share}% (prefilter)", float("nan"), float("nan"),
                             timed(lambda q, s=share: lance(q, probes, factor, f"bucket < {s}"), queries[:200],
                                   truths[share][:200]), "200 queries"))
     return out
@@ -134,10 +128,10 @@ def _chroma(x: np.ndarray, ids: np.ndarray, buckets: np.ndarray, queries: np.nda
 
         ef = tune(at_ef, truths[0], 16, 4096)
         at_ef(ef)
-        out.append(_row(n, f"Chroma HNSW M16 ef {ef}", build, float("nan"), timed(search(None), queries, truths[0]),
+        out.append(row(n, f"Chroma HNSW M16 ef {ef}", build, float("nan"), timed(search(None), queries, truths[0]),
                         "build = adds in batches"))
         for share in (1, 10):
-            out.append(_row(n, f"Chroma filter {share}% (where)", float("nan"), float("nan"),
+            out.append(row(n, f"Chroma filter {share}% (where)", float("nan"), float("nan"),
                             timed(search({"bucket": {"$lt": share}}), queries, truths[share])))
     return out
 

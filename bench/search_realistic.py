@@ -42,6 +42,12 @@ def timed(fn: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, truth: np
             "qps": len(queries) / batch, "recall": recall_at_10(found, truth)}
 
 
+def row(n: int, path: str, build: float, mem: float, result: Row, note: str = "") -> Row:
+    """One table row, printed as it is made (a long run shows its progress)."""
+    print(f"  {path}: {result} {note}".rstrip(), flush=True)
+    return {"n": n, "path": path, "build_s": build, "mem_mb": mem, **result, "note": note}
+
+
 def tune(fn: Callable[[int], np.ndarray], truth: np.ndarray, start: int, stop: int) -> int:
     """The smallest power-of-two parameter reaching recall@10 0.95 (the peer's best effort)."""
     value = start
@@ -63,8 +69,7 @@ def run(n: int, num_queries: int, dim: int = 1024) -> list[Row]:
           flush=True)
 
     def add(path: str, build: float, mem: float, result: Row, note: str = "") -> None:
-        rows.append({"n": n, "path": path, "build_s": build, "mem_mb": mem, **result, "note": note})
-        print(f"  {path}: {result}", flush=True)
+        rows.append(row(n, path, build, mem, result, note))
 
     flat = faiss.IndexFlatIP(dim)
     start = time.perf_counter()

@@ -65,7 +65,7 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
     from sqlalchemy import select
 
     from bench.search import populate_sql
-    from bench.search_realistic import timed
+    from bench.search_realistic import row, timed
     from index.db import make_engine, make_session_factory
     from index.filters import Filters
     from index.models import Dataset
@@ -85,9 +85,7 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
 
     def add(path_label: str, build: float, result: Row, note: str = "") -> None:
         mem = path.stat().st_size / 2**20 if path.exists() else float("nan")
-        out.append({"n": n, "path": f"xdlabel store {label}: {path_label}", "build_s": build, "mem_mb": mem,
-                    **result, "note": note})
-        print(f"  {out[-1]['path']}: {result} {note}", flush=True)
+        out.append(row(n, f"xdlabel store {label}: {path_label}", build, mem, result, note))
 
     def first_answer(store: RetrievalStore) -> float:
         start = time.perf_counter()
@@ -96,7 +94,7 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
 
     def image_ids(store: RetrievalStore, q: np.ndarray, filters: Filters | None = None) -> np.ndarray:
         hits = store.search(mv, "image", q, 10, filters=filters)
-        return np.array([[h.image_id for h in row] + [-1] * (10 - len(row)) for row in hits])
+        return np.array([[h.image_id for h in found] + [-1] * (10 - len(found)) for found in hits])
 
     nothing: Row = {"p50_ms": float("nan"), "p99_ms": float("nan"), "qps": float("nan"), "recall": float("nan")}
     store = RetrievalStore(sessions, folder)
