@@ -10,10 +10,10 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 from PIL import Image as PILImage
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from index.filters import Filters
-from index.models import Embedding, Image
+from index.models import Embedding, Image, ImageTag
 from index.store import Hit, from_bytes
 from xdlabel.services import Services
 from xdlabel.textqueries import TextQueries
@@ -45,9 +45,22 @@ class SearchResult:
     next_offset: int | None
 
 
-def _image_rows(services: Services, hits: list[Hit]) -> dict[int, Image]:
-    with services.sessions() as session:
-        return {im.id: im for im in session.scalars(select(Image).where(Image.id.in_({h.image_id for h in hits})))}
+# Built once: constructing a select costs more than running it on this path.
+_IMAGES = select(Image.id, Image.dataset_id, Image.uri, Image.caption, Image.width, Image.height,
+                 Image.meta).where(Image.id.in_(bindparam("ids", expanding=True)))
+_TAGS = select(ImageTag.image_id, ImageTag.tag).where(ImageTag.image_id.in_(bindparam("ids", expanding=True)))
+
+
+def _image_rows(services: Services, hits: list[Hit]) -> dict[int, dict[str, Any]]:
+    """The shown columns and tags of the hits' images, as plain rows from one connection (ORM
+    objects cost more than the search itself on this path)."""
+    ids = {"ids": list({h.image_id for h in hits})}
+    with services.engine.connect() as conn:
+        rows = {r[0]: {**r._mapping, "tags": []} for r in conn.execute(_IMAGES, ids)}
+        for image_id, tag in conn.execute(_TAGS, ids):
+            if image_id in rows:
+                rows[image_id]["tags"].append(tag)
+    return rows
 
 
 def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: bool) -> SearchResult:
@@ -58,10 +71,9 @@ def _present(services: Services, hits: list[Hit], k: int, offset: int, regions: 
         im = images.get(h.image_id)
         if im is None:
             continue
-        item: dict[str, Any] = {"image_id": h.image_id, "score": round(h.score, 6), "dataset_id": im.dataset_id,
-                                "uri": public_uri(im.uri, roots), "caption": im.caption, "width": im.width,
-                                "height": im.height,
-                                "tags": sorted(t.tag for t in im.tags), "meta": im.meta}
+        item: dict[str, Any] = {"image_id": h.image_id, "score": round(h.score, 6), "dataset_id": im["dataset_id"],
+                                "uri": public_uri(im["uri"], roots), "caption": im["caption"], "width": im["width"],
+                                "height": im["height"], "tags": sorted(im["tags"]), "meta": im["meta"]}
         if regions:
             item.update(region_id=h.embedding_id, box=h.box, mask_rle=h.mask_rle)
         out.append(item)
