@@ -6,7 +6,9 @@ each connected before the clock starts, post /v1/search/text for a fixed time, w
 (8 texts reused) and distinct texts (a new text every request). Each is run against two servers:
 as shipped (query-text cache + micro-batched encodes) and a baseline with both off (cache size 0,
 no batching window, batches of one: a model call per request, except that identical texts in
-flight at once still share one). Clients and server share this machine's cores.
+flight at once still share one); then the production command, ``xdlabel serve --workers 2`` (two
+server processes on one port; their model calls are not counted). Clients and servers share this
+machine's cores.
 
     python -m bench.search_load --serve DATA_DIR DATABASE_URL shipped|baseline   (the server process)
 """
@@ -14,6 +16,8 @@ flight at once still share one). Clients and server share this machine's cores.
 from __future__ import annotations
 
 import itertools
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+WORKERS = 2
 MODES = (("baseline: no cache, no batching", "baseline"), ("shipped: cache + batching", "shipped"))
 
 
@@ -59,7 +64,46 @@ def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dic
                         rows.append({"mode": mode, "workload": workload, "clients": count,
                                      "model_calls": calls() - before, **row})
                         print(f"  {rows[-1]}", flush=True)
+        with _cli_server(tmp, url, WORKERS) as base:
+            for workload in ("repeated", "distinct"):
+                for count in clients:
+                    row = _measure(base, key, workload, count, seconds, counter)
+                    rows.append({"mode": f"shipped: xdlabel serve --workers {WORKERS}", "workload": workload,
+                                 "clients": count, "model_calls": None, **row})
+                    print(f"  {rows[-1]}", flush=True)
     return rows
+
+
+@contextmanager
+def _cli_server(data_dir: str, url: str, workers: int) -> Iterator[str]:
+    """``xdlabel serve --workers N`` on a free port, answering searches (each worker warmed) before
+    the clock starts."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XDLABEL_DATA_DIR": data_dir, "XDLABEL_DATABASE_URL": url}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "xdlabel"), "serve", "--workers", str(workers),
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"xdlabel serve did not start (exit {proc.poll()})")
+            time.sleep(0.5)
+        time.sleep(20)  # each worker's background warm-up: the model and the index loaded, then frozen
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 @contextmanager
@@ -127,6 +171,7 @@ def _measure(base: str, key: str, workload: str, count: int, seconds: float, cou
 def serve(data_dir: str, url: str, mode: str) -> None:
     """The server process: the store's index and the model loaded before its URL is printed;
     then each stdin line "calls" is answered with the model calls made so far, until stdin closes."""
+    from xdlabel.api.app import warm_up
     from xdlabel.api.inthread import ThreadedServer
     from xdlabel.services import Services
     from xdlabel.settings import Settings
@@ -137,26 +182,26 @@ def serve(data_dir: str, url: str, mode: str) -> None:
     encoder = (TextQueries(embed, services.model_lock) if mode == "shipped" else
                TextQueries(embed, services.model_lock, size=0, window=0, max_batch=1))
     services.text_queries["image"] = encoder
-    model = services.model
-    services.store.index(model.version_id, "image", model.image_dim)  # loaded before the clock starts
     encoder.vectors(["warm up"])
+    warm_up(services)  # as `xdlabel serve` does at startup; here before the clock starts
     with ThreadedServer(services) as base:
         print(base, flush=True)
         for line in sys.stdin:
             if line.strip() == "calls":
                 print(encoder.calls, flush=True)
-    services.engine.dispose()
+    services.close()  # the index saved: the next server loads it instead of rebuilding
 
 
 def print_table(rows: list[dict[str, Any]], n: int) -> None:
-    print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), server in its own "
-          f"process, clients in this one, on this machine")
-    header = f"{'mode':<34}{'texts':<10}{'clients':>8}{'QPS':>8}{'p50 ms':>9}{'p99 ms':>9}{'calls':>7}{'errors':>7}"
+    print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), servers in processes "
+          f"of their own, clients in this one, on this machine")
+    header = f"{'mode':<36}{'texts':<10}{'clients':>8}{'QPS':>8}{'p50 ms':>9}{'p99 ms':>9}{'calls':>7}{'errors':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:<34}{r['workload']:<10}{r['clients']:>8}{r['qps']:>8.0f}{r['p50_ms']:>9.1f}"
-              f"{r['p99_ms']:>9.1f}{r['model_calls']:>7}{r['errors']:>7}")
+        calls = "-" if r["model_calls"] is None else r["model_calls"]
+        print(f"{r['mode']:<36}{r['workload']:<10}{r['clients']:>8}{r['qps']:>8.0f}{r['p50_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{calls:>7}{r['errors']:>7}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:

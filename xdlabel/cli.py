@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from xdlabel.commands import labelstudio, training
@@ -86,12 +88,31 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from index.db import upgrade
-    from xdlabel.api.app import create_app
+    from xdlabel.api.app import CONFIG_FILE_VARIABLE, create_app
 
     settings = settings_of(args)
+    if args.workers > 1 and settings.ml_backend_password:
+        print("error: --workers > 1 with the ML backend on (XDLABEL_ML_BACKEND_PASSWORD): its per-project state "
+              "lives in one process; serve Label Studio from a --workers 1 server", file=sys.stderr)
+        return 2
     upgrade(settings.sqlalchemy_url)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        return 0
+    if args.config_file:  # each worker process reads the settings again, from the same sources
+        os.environ[CONFIG_FILE_VARIABLE] = str(Path(args.config_file).resolve())
+    # the workers' model threads share the cores instead of each taking all of them
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
+    uvicorn.run("xdlabel.api.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                port=args.port, log_level="info")
     return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -142,7 +163,6 @@ def _ingest(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     outputs = parse_outputs(settings.ingest_outputs if args.outputs is None else args.outputs)  # before torch loads
 
-    from pathlib import Path
 
     from tqdm import tqdm
 
@@ -294,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the HTTP API and search page")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=_positive, default=1,
+                       help="server processes sharing the port (search scales past one core's GIL; the ML "
+                            "backend needs 1)")
     serve.set_defaults(func=_serve)
 
     search = sub.add_parser("search", help="text search from the command line")

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # on disk, memory-mapped, for exact re-ranking. None: no budget.
     index_memory_gb: float | None = Field(default=None, gt=0)
     require_api_key: bool = True
+    # Threads for the API's blocking work (SQL, search, the model). A few more than the cores keep them
+    # busy; many more only queue on the GIL, which stretches the slowest requests (anyio's default is 40).
+    api_threads: int = Field(default=16, ge=1)
     max_upload_bytes: int = 20 * 1024 * 1024  # search-by-image uploads
     max_image_bytes: int = 100 * 1024 * 1024  # ingested files and downloads
     max_image_pixels: int = 64_000_000  # decompression-bomb guard: larger images are refused
