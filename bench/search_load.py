@@ -15,8 +15,10 @@ machine's cores.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,7 +88,7 @@ def _cli_server(data_dir: str, url: str, workers: int) -> Iterator[str]:
     env = {**os.environ, "XDLABEL_DATA_DIR": data_dir, "XDLABEL_DATABASE_URL": url}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "xdlabel"), "serve", "--workers", str(workers),
                              "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -103,7 +105,11 @@ def _cli_server(data_dir: str, url: str, workers: int) -> Iterator[str]:
         yield base
     finally:
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # none left: all exited
+                os.killpg(proc.pid, signal.SIGKILL)  # the workers too, whatever state they are in
 
 
 @contextmanager

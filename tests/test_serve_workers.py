@@ -5,6 +5,7 @@ killed with SIGKILL under load is replaced while the other keeps answering. With
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from xdlabel.services import Services
 from xdlabel.settings import Settings
 
 XDLABEL = str(Path(sys.executable).parent / "xdlabel")
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads worker processes from /proc")
 QUERY = {"query": "a red circle on sand", "k": 5}
 
 
@@ -72,7 +74,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str, int, dict[str, str]]]:
     env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path), "XDLABEL_DATABASE_URL": url}
     env.pop("XDLABEL_ML_BACKEND_PASSWORD", None)
     proc = subprocess.Popen([XDLABEL, "serve", "--workers", "2", "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: len(children(proc.pid)) >= 2, 60, "two worker processes")
@@ -80,7 +82,11 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str, int, dict[str, str]]]:
         yield base, key, proc.pid, env
     finally:
         proc.terminate()
-        proc.wait(60)
+        try:
+            proc.wait(60)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # none left: all exited
+                os.killpg(proc.pid, signal.SIGKILL)  # the supervisor's workers too, whatever state they are in
 
 
 def _answers(base: str, key: str) -> bool:

@@ -99,8 +99,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
         return 0
-    if args.config_file:  # each worker process reads the settings again, from the same sources
+    # each worker process reads the settings again, from the same sources as this one
+    if args.config_file:
         os.environ[CONFIG_FILE_VARIABLE] = str(Path(args.config_file).resolve())
+    else:
+        os.environ.pop(CONFIG_FILE_VARIABLE, None)
     # the workers' model threads share the cores instead of each taking all of them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
     uvicorn.run("xdlabel.api.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
@@ -162,7 +165,6 @@ def _ingest(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     outputs = parse_outputs(settings.ingest_outputs if args.outputs is None else args.outputs)  # before torch loads
-
 
     from tqdm import tqdm
 

@@ -54,6 +54,8 @@ _TAGS = select(ImageTag.image_id, ImageTag.tag).where(ImageTag.image_id.in_(bind
 def _image_rows(services: Services, hits: list[Hit]) -> dict[int, dict[str, Any]]:
     """The shown columns and tags of the hits' images, as plain rows from one connection (ORM
     objects cost more than the search itself on this path)."""
+    if not hits:
+        return {}
     ids = {"ids": list({h.image_id for h in hits})}
     with services.engine.connect() as conn:
         rows = {r[0]: {**r._mapping, "tags": []} for r in conn.execute(_IMAGES, ids)}

@@ -58,9 +58,9 @@ def database_error(err: DBAPIError) -> tuple[int, str]:
 
 def warm_up(services: Services) -> None:
     """Load the model and its image index, then take everything loaded so far out of the garbage
-    collector's full passes (gc.freeze): walking those long-lived objects (~260k with the bundled
-    model) took ~130 ms, a pause that every request in flight waited out. A model that does not
-    load is left to the first request and /ready to report."""
+    collector's full passes (gc.freeze): each pass walked all those long-lived objects, a pause
+    that every request in flight waited out. A model that does not load is left to the first
+    request and /ready to report."""
     try:
         model = services.model
         services.store.index(model.version_id, "image", model.image_dim)
@@ -88,9 +88,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         to_thread.current_default_thread_limiter().total_tokens = services.settings.api_threads
+        warming = threading.Thread(target=warm_up, args=(services,), daemon=True, name="xdlabel-warm-up")
         if warm:
-            threading.Thread(target=warm_up, args=(services,), daemon=True, name="xdlabel-warm-up").start()
+            warming.start()
         yield
+        if warm:
+            warming.join(60)  # a shutdown during warm-up: let the load finish before the services close
         if owned:
             services.close()
 
