@@ -104,12 +104,18 @@ def _cli_server(data_dir: str, url: str, workers: int) -> Iterator[str]:
         time.sleep(20)  # each worker's background warm-up: the model and the index loaded, then frozen
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # none left: all exited
-                os.killpg(proc.pid, signal.SIGKILL)  # the workers too, whatever state they are in
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server started with ``start_new_session=True``: its supervisor, then whatever of its
+    workers is left, in any state."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # none left: all exited
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextmanager

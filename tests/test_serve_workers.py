@@ -5,7 +5,6 @@ killed with SIGKILL under load is replaced while the other keeps answering. With
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -58,6 +57,7 @@ def wait_for(condition, seconds: float, what: str) -> None:  # type: ignore[no-u
 @pytest.fixture()
 def served(tmp_path: Path) -> Iterator[tuple[str, str, int, dict[str, str]]]:
     from bench.search import populate_sql
+    from bench.search_load import stop_group
 
     url = f"sqlite:///{tmp_path}/x.db"
     upgrade(url)
@@ -81,12 +81,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str, int, dict[str, str]]]:
         wait_for(lambda: _answers(base, key), 120, "searches answered")
         yield base, key, proc.pid, env
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # none left: all exited
-                os.killpg(proc.pid, signal.SIGKILL)  # the supervisor's workers too, whatever state they are in
+        stop_group(proc)
 
 
 def _answers(base: str, key: str) -> bool:
