@@ -77,24 +77,21 @@ def app_from_environment() -> FastAPI:
     return create_app(load_settings(os.environ.get(CONFIG_FILE_VARIABLE)))
 
 
-def create_app(settings: Settings | None = None, services: Services | None = None,
-               warm: bool | None = None) -> FastAPI:
-    """``warm`` (default: when the app makes its own services) runs ``warm_up`` in the background
-    from startup."""
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    """An app that makes its own services (a server) runs ``warm_up`` in the background from startup;
+    one given services (tests, benches) leaves that to its caller."""
     owned = services is None
     services = services or Services(settings or Settings())
-    warm = owned if warm is None else warm
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         to_thread.current_default_thread_limiter().total_tokens = services.settings.api_threads
         warming = threading.Thread(target=warm_up, args=(services,), daemon=True, name="xdlabel-warm-up")
-        if warm:
+        if owned:
             warming.start()
         yield
-        if warm:
-            warming.join(60)  # a shutdown during warm-up: let the load finish before the services close
         if owned:
+            warming.join(60)  # a shutdown during warm-up: let the load finish before the services close
             services.close()
 
     app = FastAPI(title="xdlabel", version="1", lifespan=lifespan, responses=ERRORS,
