@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from index.indexfile import Manifest
 from index.owners import Owners
-from index.vectors import Manifest, VectorIndex
+from index.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 

@@ -29,10 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from index.allowed import AllowedCache
 from index.calibrate import Calibration
 from index.filters import Filters
+from index.indexfile import Manifest, remove_stale_temps
 from index.models import Embedding, EmbeddingChange, Image
 from index.owners import Owners
 from index.records import Hit, NewEmbedding, SyncReport, arrays, from_bytes, save_with_owners, to_bytes
-from index.vectors import IndexParams, Manifest, VectorIndex, train_size
+from index.vectors import IndexParams, VectorIndex, train_size
 
 log = logging.getLogger(__name__)
 __all__ = ["Hit", "NewEmbedding", "Owners", "RetrievalStore", "SyncReport", "from_bytes", "to_bytes"]
@@ -202,7 +203,7 @@ class RetrievalStore:
 
     def _open(self, key: tuple[int, str], dim: int) -> tuple[_Live, SyncReport]:
         path = self._path(*key)
-        VectorIndex.remove_stale_temps(path)
+        remove_stale_temps(path)
         with self.sessions() as session:
             try:
                 index, manifest, saved = VectorIndex.load_with_owners(path, self.params)

@@ -17,32 +17,26 @@
   copy that is refreshed after removals (GPU indexes cannot remove); the CPU index stays the truth.
 * ``outgrown()`` says when the index no longer fits its size (flat past ``exact_max``, IVF ``retrain_factor``
   times larger or smaller than it was trained for); the store then builds a new one in the background.
-* A saved index is one file: a header with its manifest, then the FAISS index. It is written to a
-  unique temporary name in the same folder and renamed over the old one, so concurrent savers never
-  mix one's manifest with another's vectors (the last rename wins) and a failed save leaves nothing.
+* A saved index is one file (``index.indexfile``). Opening it maps an IVF index's inverted lists
+  from the file instead of reading them; they are copied into memory before the first add or remove
+  (``_own``), beside running searches.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import tempfile
 import threading
-from contextlib import suppress
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO
 
 import faiss
 import numpy as np
 
+from index import indexfile
 from index.calibrate import Calibration, nprobe_for
 from index.fullvectors import FullVectors, remove_unreferenced
+from index.indexfile import Manifest
 
-MAGIC = b"XDLIDX1\n"  # manifest + index
-MAGIC_OWNERS = b"XDLIDX2\n"  # manifest + id -> image id arrays + index
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
 
 @dataclass(frozen=True)
@@ -60,21 +54,6 @@ class IndexParams:
     memory_gb: float | None = None  # ... or when full vectors of one index would take more RAM than this
     pq_bytes: int | None = None  # PQ code size; None: dim / 8 (32x smaller than float32)
     rerank: int = 16  # compressed: PQ candidates re-scored exactly per wanted hit (calibration may raise it)
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What a saved index holds: its kind, size, and the change-log position it covers."""
-
-    dim: int
-    kind: str  # flat | ivf | ivfpq
-    count: int
-    position: int = 0  # the last embedding_changes.seq applied
-    trained: int = 0  # IVF: the number of vectors it was trained for
-    curve: list[tuple[int, float]] | None = None  # IVF: (nprobe, calibrated recall@10), rising
-    owners: bool = False  # the file holds the id -> image id map too
-    segments: list[tuple[str, int]] | None = None  # ivfpq: full-vector files beside it, (name, rows)
-    rerank: int = 0  # ivfpq: calibrated candidates per wanted hit
 
 
 def nlist_for(size: int, params: IndexParams) -> int:
@@ -117,7 +96,7 @@ class VectorIndex:
 
     def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0,
                  curve: list[tuple[int, float]] | None = None, full: FullVectors | None = None,
-                 rerank: int = 0) -> None:
+                 rerank: int = 0, mapped: bool = False) -> None:
         self.index, self.dim, self.params, self.full = index, dim, params, full
         self.rerank = rerank or params.rerank
         if isinstance(index, faiss.IndexIVFPQ) != (full is not None):
@@ -127,6 +106,8 @@ class VectorIndex:
         self._lock = threading.RLock()
         self._gpu: faiss.Index | None = None
         self._gpu_dirty = True
+        self._mapped = mapped  # IVF lists are read-only views of the saved file
+        self._own_lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
 
@@ -237,6 +218,7 @@ class VectorIndex:
         if not len(ids):
             return
         x = _as_matrix(vectors, self.dim)
+        self._own()
         with self._lock:
             if self.full is not None:
                 self.full.add(ids, x)  # first: a search never finds an id whose vector is not there
@@ -248,11 +230,37 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return 0
+        self._own()
         with self._lock:
             # IVF's id hashtable removes only through an IDSelectorArray.
             removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
             self._gpu_dirty = True
             return removed
+
+    @property
+    def mapped(self) -> bool:
+        return self._mapped
+
+    def _own(self) -> None:
+        """Copy mapped inverted lists into memory (FAISS aborts the process on a write to a mapped
+        list). The copy runs beside searches, which only read the mapped lists; only the swap takes
+        the lock. Every mutation calls this first, so none can run during the copy."""
+        if not self._mapped:
+            return
+        with self._own_lock:
+            if not self._mapped:
+                return
+            ivf = faiss.extract_index_ivf(self.index)
+            mapped = ivf.invlists
+            owned = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+            for i in range(ivf.nlist):
+                if size := mapped.list_size(i):
+                    owned.add_entries(i, size, mapped.get_ids(i), mapped.get_codes(i))
+            with self._lock:
+                ivf.replace_invlists(owned, True)  # frees the mapped lists (and, last, the mapping)
+                owned.this.disown()  # the index owns the copy now
+                self._mapped = False
+                self._gpu_dirty = True
 
     # -- search -------------------------------------------------------------------------------
 
@@ -323,39 +331,21 @@ class VectorIndex:
 
     def save(self, path: Path, position: int = 0, owners: tuple[np.ndarray, np.ndarray] | None = None
              ) -> Manifest:
-        """Write ``path``: the manifest (with the change-log ``position`` this index covers), the
-        id -> image id arrays when given (``owners``, exactly the index's ids), and the index, in
-        one file, through a unique temporary file that is renamed over ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``path`` (``index.indexfile``): the index, the manifest (with the change-log
+        ``position`` this index covers) and the id -> image id arrays when given (``owners``,
+        exactly the index's ids)."""
         if self.full is not None and self.full.path.resolve() != path.resolve():
             raise ValueError(f"a compressed index is saved where its full vectors are ({self.full.path}), not {path}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f, self._lock:
-                manifest = self.manifest(position)
-                if owners is not None:
-                    if len(owners[0]) != self.ntotal or len(owners[1]) != self.ntotal:
-                        raise ValueError(f"owners of {len(owners[0])} ids for an index of {self.ntotal}")
-                    manifest = Manifest(**{**asdict(manifest), "owners": True})
-                segments = self.full.persist() if self.full is not None else []
-                if segments:
-                    manifest = Manifest(**{**asdict(manifest), "segments": [(n, len(i)) for n, i in segments]})
-                header = json.dumps(asdict(manifest)).encode()
-                f.write((MAGIC_OWNERS if owners is not None else MAGIC) + len(header).to_bytes(8, "little") + header)
-                if owners is not None:
-                    for array in owners:
-                        f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
-                for _, ids in segments:
-                    f.write(np.ascontiguousarray(ids, dtype="<i8").tobytes())
-                faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        with self._lock:
+            manifest = self.manifest(position)
+            if owners is not None:
+                if len(owners[0]) != self.ntotal or len(owners[1]) != self.ntotal:
+                    raise ValueError(f"owners of {len(owners[0])} ids for an index of {self.ntotal}")
+                manifest = replace(manifest, owners=True)
+            segments = self.full.persist() if self.full is not None else []
+            if segments:
+                manifest = replace(manifest, segments=[(n, len(i)) for n, i in segments])
+            indexfile.write(path, self.index, manifest, owners, segments)
         if self.full is not None:  # only a compressed index has segment files to look for
             remove_unreferenced(path, {name for name, _ in manifest.segments or []})
         return manifest
@@ -369,73 +359,17 @@ class VectorIndex:
     @classmethod
     def load_with_owners(cls, path: Path, params: IndexParams | None = None
                          ) -> tuple[VectorIndex, Manifest, tuple[np.ndarray, np.ndarray] | None]:
-        """The index, its manifest and the id -> image id arrays saved with it (None in a file
-        written without them). Raises like ``load``."""
-        owners = None
-        with open(path, "rb") as f:
-            magic = f.read(len(MAGIC))
-            if magic not in (MAGIC, MAGIC_OWNERS):
-                raise ValueError(f"{path}: not an xdlabel index file")
-            size = int.from_bytes(f.read(8), "little")
-            if size > 1 << 20:
-                raise ValueError(f"{path}: corrupt header")
-            fields = json.loads(f.read(size))
-            fields["curve"] = [tuple(point) for point in fields.get("curve") or []] or None
-            fields["segments"] = [(str(n), int(c)) for n, c in fields.get("segments") or []] or None
-            manifest = Manifest(**fields)
-            if magic == MAGIC_OWNERS:
-                owners = (_read_ids(f, manifest.count, path), _read_ids(f, manifest.count, path))
-            segments = [(name, _read_ids(f, rows, path)) for name, rows in manifest.segments or []]
-            index = faiss.read_index(faiss.PyCallbackIOReader(f.read))
-        full = FullVectors(path, manifest.dim, segments) if isinstance(index, faiss.IndexIVFPQ) else None
+        """The index (an IVF index's lists mapped from the file, see ``index.indexfile``), its
+        manifest and the id -> image id arrays saved with it (None in a file written without
+        them). Raises like ``load``."""
+        saved = indexfile.read(path)
+        index, manifest = saved.index, saved.manifest
+        full = FullVectors(path, manifest.dim, saved.segments) if isinstance(index, faiss.IndexIVFPQ) else None
         if not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIVF):
             raise ValueError(f"{path}: unexpected index type {type(index).__name__}")
         loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained, curve=manifest.curve,
-                     full=full, rerank=manifest.rerank)
+                     full=full, rerank=manifest.rerank, mapped=saved.mapped)
         if (loaded.ntotal, loaded.dim, loaded.kind) != (manifest.count, manifest.dim, manifest.kind):
             raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
                              f"manifest says {manifest}")
-        return loaded, manifest, owners
-
-    @staticmethod
-    def remove_stale_temps(path: Path) -> int:
-        """Delete temporary files that writers on this host left for ``path`` when they died."""
-        removed = 0
-        prefix = _temp_prefix(path)
-        for tmp in path.parent.glob(f"{prefix}*.tmp"):
-            pid = tmp.name[len(prefix):].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                with suppress(FileNotFoundError):
-                    tmp.unlink()
-                    removed += 1
-        return removed
-
-
-def _read_ids(f: BinaryIO, count: int, path: Path) -> np.ndarray:
-    data = f.read(8 * count)
-    if len(data) != 8 * count:
-        raise ValueError(f"{path}: truncated id map")
-    return np.frombuffer(data, dtype="<i8").astype(np.int64)
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.{socket.gethostname()}."
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return loaded, manifest, saved.owners

@@ -18,6 +18,7 @@ import pytest
 
 from bench.realistic import exact_top, realistic
 from index.fullvectors import FullVectors
+from index.indexfile import remove_stale_temps
 from index.store import RetrievalStore
 from index.vectors import IndexParams, VectorIndex, kind_for
 from tests.test_index_growth import add_images, setup_db
@@ -166,7 +167,7 @@ def test_kill_9_during_adds_and_saves_leaves_a_loadable_exact_index(tmp_path: Pa
         time.sleep(float(rng.uniform(0.05, 1.0)))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        VectorIndex.remove_stale_temps(path)
+        remove_stale_temps(path)
         assert not list(tmp_path.glob("*.tmp")), "a dead writer's temporary file was left"
         index, manifest = VectorIndex.load(path)
         ids = np.sort(index.ids())

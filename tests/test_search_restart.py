@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -42,6 +43,8 @@ def test_reopen_loads_the_saved_index_and_map_without_a_rebuild(migrated_url: st
     report = fresh.sync(mv, "image", DIM)
     assert report.action == "loaded" and report.count == 1200
     assert fresh.index(mv, "image", DIM).kind == "ivf" and fresh.index(mv, "image", DIM).curve
+    # its lists are views of the file (FAISS >= 1.11), not read into memory
+    assert fresh.index(mv, "image", DIM).mapped == hasattr(faiss, "IO_FLAG_MMAP_IFC")
     assert [[(h.embedding_id, h.image_id) for h in row] for row in fresh.search(mv, "image", queries, 10)] == before
     assert {h.image_id for row in fresh.search(mv, "image", queries, 10) for h in row} <= set(image_ids)
 
@@ -55,6 +58,7 @@ def test_reopen_loads_the_saved_index_and_map_without_a_rebuild(migrated_url: st
     report = again.sync(mv, "image", DIM)
     assert (report.action, report.added, report.removed, report.count) == ("updated", 300, 50, 1450)
     index = again.index(mv, "image", DIM)
+    assert not index.mapped  # the tail's writes copied the lists into memory first
     owners = again._live[(mv, "image")].owners
     assert np.array_equal(np.sort(index.ids()), owners.ids)  # the map covers exactly the index
     exact = RetrievalStore(sessions, tmp_path / "index", IndexParams(exact_max=500, nlist=16, nprobe=16),

@@ -1,0 +1,181 @@
+"""One saved index: a file holding the FAISS index, then a trailer with its manifest and id arrays.
+
+* The FAISS index starts at byte 0, so FAISS can map the file and search its inverted lists in
+  place (``IO_FLAG_MMAP_IFC``, FAISS >= 1.11): opening a multi-GB index costs milliseconds instead
+  of a read of every byte, and server processes opening the same file share its pages. Mapped lists
+  are read-only; ``index.vectors`` copies them into memory before the first add or remove.
+* The trailer holds the manifest (JSON), the id -> image id arrays and a compressed index's segment
+  ids; the file's last 16 bytes give the trailer's offset and an end mark, so it is found without
+  reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.
+* A file is written under a unique temporary name in its folder and renamed over the old one, so
+  concurrent savers never mix one's manifest with another's vectors (the last rename wins), a failed
+  save leaves nothing, and a process still mapping the old file goes on reading the old file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from contextlib import suppress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import faiss
+import numpy as np
+
+LEGACY = b"XDLIDX1\n"  # manifest + index
+LEGACY_OWNERS = b"XDLIDX2\n"  # manifest + id -> image id arrays + index
+TRAILER = b"XDLIDX3\n"  # after the index: manifest + id arrays, then offset + END
+END = b"XDLEND3\n"
+MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a saved index holds: its kind, size, and the change-log position it covers."""
+
+    dim: int
+    kind: str  # flat | ivf | ivfpq
+    count: int
+    position: int = 0  # the last embedding_changes.seq applied
+    trained: int = 0  # IVF: the number of vectors it was trained for
+    curve: list[tuple[int, float]] | None = None  # IVF: (nprobe, calibrated recall@10), rising
+    owners: bool = False  # the file holds the id -> image id map too
+    segments: list[tuple[str, int]] | None = None  # ivfpq: full-vector files beside it, (name, rows)
+    rerank: int = 0  # ivfpq: calibrated candidates per wanted hit
+
+
+@dataclass(frozen=True)
+class Saved:
+    index: faiss.Index
+    manifest: Manifest
+    owners: tuple[np.ndarray, np.ndarray] | None  # ids, image ids
+    segments: list[tuple[str, np.ndarray]]  # ivfpq: segment file name, the ids of its rows
+    mapped: bool  # the inverted lists are views of the file
+
+
+def write(path: Path, index: faiss.Index, manifest: Manifest, owners: tuple[np.ndarray, np.ndarray] | None = None,
+          segments: list[tuple[str, np.ndarray]] | None = None) -> None:
+    """Write ``path`` through a temporary file renamed over it. ``index`` must not change meanwhile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "ab") as f:
+            start = f.tell()
+            header = json.dumps(asdict(manifest)).encode()
+            f.write(TRAILER + len(header).to_bytes(8, "little") + header)
+            for array in [*(owners or ()), *(ids for _, ids in segments or [])]:
+                f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
+            f.write(start.to_bytes(8, "little") + END)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def read(path: Path, map_lists: bool = True) -> Saved:
+    """The saved index; an IVF index's lists mapped when ``map_lists`` and FAISS can. Raises
+    (FileNotFoundError, RuntimeError, ValueError) on a missing or corrupt file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        magic = f.read(len(LEGACY))
+        if magic in (LEGACY, LEGACY_OWNERS):
+            manifest, owners, segments = _fields(f, path, with_owners=magic == LEGACY_OWNERS)
+            return Saved(faiss.read_index(faiss.PyCallbackIOReader(f.read)), manifest, owners, segments, False)
+        if size < 16 + len(TRAILER):
+            raise ValueError(f"{path}: not an xdlabel index file")
+        f.seek(size - 16)
+        tail = f.read(16)
+        start = int.from_bytes(tail[:8], "little")
+        if tail[8:] != END or not 0 < start <= size - 16 - len(TRAILER):
+            raise ValueError(f"{path}: not an xdlabel index file (no trailer: truncated or foreign)")
+        f.seek(start)
+        if f.read(len(TRAILER)) != TRAILER:
+            raise ValueError(f"{path}: corrupt trailer")
+        manifest, owners, segments = _fields(f, path, with_owners=None)
+        if f.tell() != size - 16:
+            raise ValueError(f"{path}: corrupt trailer ({size - 16 - f.tell()} unexplained bytes)")
+        # FAISS opens the file by name; through /proc it is this open file even if a saver has
+        # since renamed another over ``path``, so the index always matches the manifest just read
+        same_file = f"/proc/self/fd/{f.fileno()}"
+        if os.path.exists(same_file):
+            mapped = map_lists and manifest.kind != "flat" and hasattr(faiss, "IO_FLAG_MMAP_IFC")
+            index = faiss.read_index(same_file, faiss.IO_FLAG_MMAP_IFC if mapped else 0)
+        else:  # no /proc: read whole through this file object
+            mapped = False
+            f.seek(0)
+            index = faiss.read_index(faiss.PyCallbackIOReader(f.read, 16 << 20))
+    return Saved(index, manifest, owners, segments, mapped)
+
+
+def _fields(f: BinaryIO, path: Path, with_owners: bool | None
+            ) -> tuple[Manifest, tuple[np.ndarray, np.ndarray] | None, list[tuple[str, np.ndarray]]]:
+    """Manifest, id arrays and segment ids, from just after a magic. ``with_owners`` None: as the
+    manifest says."""
+    size = int.from_bytes(f.read(8), "little")
+    if size > MAX_HEADER:
+        raise ValueError(f"{path}: corrupt header")
+    try:
+        fields = json.loads(f.read(size))
+        fields["curve"] = [tuple(point) for point in fields.get("curve") or []] or None
+        fields["segments"] = [(str(n), int(c)) for n, c in fields.get("segments") or []] or None
+        manifest = Manifest(**fields)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{path}: corrupt manifest ({err})") from err
+    owners = None
+    if manifest.owners if with_owners is None else with_owners:
+        owners = (_read_ids(f, manifest.count, path), _read_ids(f, manifest.count, path))
+    segments = [(name, _read_ids(f, rows, path)) for name, rows in manifest.segments or []]
+    return manifest, owners, segments
+
+
+def _read_ids(f: BinaryIO, count: int, path: Path) -> np.ndarray:
+    data = f.read(8 * count)
+    if len(data) != 8 * count:
+        raise ValueError(f"{path}: truncated id map")
+    return np.frombuffer(data, dtype="<i8").astype(np.int64)
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Delete temporary files that writers on this host left for ``path`` when they died."""
+    removed = 0
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        pid = tmp.name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{socket.gethostname()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

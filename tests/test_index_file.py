@@ -1,0 +1,148 @@
+"""The saved index file: an IVF index opens with its lists mapped from the file, answers exactly as
+the index that was saved, turns its lists into memory on the first write (beside running
+searches), and refuses truncated or foreign files with a clear error. Files of the earlier layout
+(manifest first) still open."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from index import indexfile
+from index.vectors import IndexParams, VectorIndex
+from tests.test_vectors import DIM, clustered
+
+PARAMS = IndexParams(exact_max=500, nlist=32, nprobe=8)
+COMPRESSED = IndexParams(exact_max=500, nlist=32, nprobe=8, compress_past=500)  # IVF-PQ, full vectors on disk
+MAPS = hasattr(faiss, "IO_FLAG_MMAP_IFC")  # FAISS >= 1.11; older ones read the lists whole
+
+
+def built(n: int, seed: int, params: IndexParams = PARAMS, path: Path | None = None
+          ) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    x = clustered(n, seed=seed)
+    ids = np.arange(n, dtype=np.int64) * 3 + 5
+    return VectorIndex.build(DIM, ids, x, params, path), ids, x
+
+
+@pytest.mark.parametrize("params", [PARAMS, COMPRESSED], ids=["ivf", "ivfpq"])
+def test_random_writes_on_a_mapped_index_match_one_never_saved(tmp_path: Path, params: IndexParams) -> None:
+    """20 trials, each: an IVF (or IVF-PQ) index of 600-1500 vectors is saved and reopened from a
+    copy of its folder (mapped), then it and the original take the same random sequence of 1-6
+    steps (add 1-80 new vectors, remove 1-50 ids, one of them absent) with searches between: the
+    ids and the hits (and their scores, to 1e-6) are the same after every step, and the reopened
+    index stops being mapped at its first write."""
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        path = tmp_path / f"{trial}" / "i.faiss"
+        path.parent.mkdir()
+        index, ids, _ = built(int(rng.integers(600, 1500)), seed=trial, params=params, path=path)
+        index.save(path, position=trial, owners=(ids, ids + 1))
+        copy = shutil.copytree(path.parent, tmp_path / f"{trial}-copy") / path.name
+        loaded, manifest, owners = VectorIndex.load_with_owners(copy, params)
+        assert loaded.kind == index.kind == ("ivf" if params is PARAMS else "ivfpq")
+        assert loaded.mapped == MAPS and manifest.position == trial and owners is not None
+        assert np.array_equal(owners[0], ids) and np.array_equal(owners[1], ids + 1)
+        queries = clustered(8, seed=1000 + trial)
+        next_id = int(ids.max()) + 1
+        for step in range(int(rng.integers(1, 7))):
+            a, b = index.search(queries, 10), loaded.search(queries, 10)
+            assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-6), (trial, step)
+            if rng.random() < 0.5:
+                count = int(rng.integers(1, 81))
+                new_ids = np.arange(next_id, next_id + count, dtype=np.int64)
+                next_id += count
+                x = clustered(count, seed=int(rng.integers(1 << 30)))
+                index.add(new_ids, x)
+                loaded.add(new_ids, x)
+            else:
+                present = index.ids()
+                victims = np.concatenate([rng.choice(present, int(rng.integers(1, 51)), replace=False),
+                                          [next_id + 10_000]])  # one id never added
+                assert index.remove(victims) == loaded.remove(victims)
+            assert not loaded.mapped
+            assert np.array_equal(np.sort(index.ids()), np.sort(loaded.ids()))
+        a, b = index.search(queries, 10), loaded.search(queries, 10)
+        assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0], atol=1e-6), trial
+
+
+def test_searches_run_while_the_first_write_copies_the_lists(tmp_path: Path) -> None:
+    """10 trials: 4 threads search a freshly opened (mapped) index in a loop while the main thread
+    adds 50 vectors, which copies the lists into memory and swaps them in. No search fails or
+    crashes the process, every answer is the one from before the add or the one after it, and the
+    added vectors are found afterwards."""
+    index, ids, x = built(3000, seed=7)
+    path = tmp_path / "i.faiss"
+    index.save(path)
+    queries = clustered(4, seed=99)
+    extra = clustered(50, seed=98)
+    extra_ids = np.arange(50, dtype=np.int64) + 10**6
+    before = index.search(queries, 10)[1]
+    index.add(extra_ids, extra)
+    after = index.search(queries, 10)[1]
+    for trial in range(10):
+        loaded, _ = VectorIndex.load(path, PARAMS)
+        assert loaded.mapped == MAPS
+        stop, answers, errors = threading.Event(), [], []  # type: ignore[var-annotated]
+        threads = [threading.Thread(target=_search_until, args=(loaded, queries, stop, answers, errors))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        loaded.add(extra_ids, extra)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        assert not errors and answers, (trial, errors)
+        assert all(np.array_equal(a, before) or np.array_equal(a, after) for a in answers), trial
+        assert np.array_equal(loaded.search(queries, 10)[1], after) and not loaded.mapped
+
+
+def _search_until(index: VectorIndex, queries: np.ndarray, stop: threading.Event, answers: list[np.ndarray],
+                  errors: list[Exception]) -> None:
+    try:
+        while not stop.is_set():
+            answers.append(index.search(queries, 10)[1])
+    except Exception as err:  # noqa: BLE001 - the test reports any failure
+        errors.append(err)
+
+
+def test_truncated_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    """An IVF and a flat index file cut at 40 random lengths each, and 3 foreign files: every load
+    raises ValueError or RuntimeError (none crashes or loads something)."""
+    rng = np.random.default_rng(3)
+    for name, (index, ids, _) in {"ivf": built(800, 1), "flat": built(300, 2)}.items():
+        path = tmp_path / f"{name}.faiss"
+        index.save(path, owners=(ids, ids))
+        whole = path.read_bytes()
+        cut = tmp_path / "cut.faiss"
+        for length in rng.integers(0, len(whole) - 1, 40):
+            cut.write_bytes(whole[:length])
+            with pytest.raises((ValueError, RuntimeError)):
+                VectorIndex.load(cut, PARAMS)
+    for junk in (b"", b"garbage", b"\0" * 4096 + indexfile.END):
+        (tmp_path / "junk.faiss").write_bytes(junk)
+        with pytest.raises(ValueError, match="not an xdlabel index file"):
+            VectorIndex.load(tmp_path / "junk.faiss", PARAMS)
+
+
+def test_a_file_of_the_earlier_layout_still_opens(tmp_path: Path) -> None:
+    """The layout written before the trailer (magic, manifest, id arrays, then the index): opens
+    read whole (not mapped) with its map, and answers as the index saved."""
+    index, ids, _ = built(900, seed=4)
+    path = tmp_path / "old.faiss"
+    manifest = asdict(index.manifest(position=5)) | {"owners": True}
+    header = json.dumps(manifest).encode()
+    with open(path, "wb") as f:
+        f.write(indexfile.LEGACY_OWNERS + len(header).to_bytes(8, "little") + header)
+        f.write(ids.astype("<i8").tobytes() + (ids * 2).astype("<i8").tobytes())
+        faiss.write_index(index.index, faiss.PyCallbackIOWriter(f.write))
+    loaded, read, owners = VectorIndex.load_with_owners(path, PARAMS)
+    assert not loaded.mapped and read.position == 5 and owners is not None and np.array_equal(owners[1], ids * 2)
+    queries = clustered(5, seed=5)
+    assert np.array_equal(loaded.search(queries, 10)[1], index.search(queries, 10)[1])
