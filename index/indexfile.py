@@ -1,9 +1,10 @@
 """One saved index: a file holding the FAISS index, then a trailer with its manifest and id arrays.
 
 * The FAISS index starts at byte 0, so FAISS can map the file and search its inverted lists in
-  place (``IO_FLAG_MMAP_IFC``, FAISS >= 1.11): opening a multi-GB index costs milliseconds instead
-  of a read of every byte, and server processes opening the same file share its pages. Mapped lists
-  are read-only; ``index.vectors`` copies them into memory before the first add or remove.
+  place (``IO_FLAG_MMAP_IFC``): opening a multi-GB index costs milliseconds instead of a read of
+  every byte, and server processes opening the same file share its pages. FAISS releases without
+  the flag (1.9, the declared floor) read the file whole. Mapped lists are read-only;
+  ``index.vectors`` copies them into memory before the first add or remove.
 * The trailer holds the manifest (JSON), the id -> image id arrays and a compressed index's segment
   ids; the file's last 16 bytes give the trailer's offset and an end mark, so it is found without
   reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.

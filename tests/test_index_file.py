@@ -21,7 +21,7 @@ from tests.test_vectors import DIM, clustered
 
 PARAMS = IndexParams(exact_max=500, nlist=32, nprobe=8)
 COMPRESSED = IndexParams(exact_max=500, nlist=32, nprobe=8, compress_past=500)  # IVF-PQ, full vectors on disk
-MAPS = hasattr(faiss, "IO_FLAG_MMAP_IFC")  # FAISS >= 1.11; older ones read the lists whole
+MAPS = hasattr(faiss, "IO_FLAG_MMAP_IFC")  # FAISS 1.15 has it, 1.9 (the floor) reads the lists whole
 
 
 def built(n: int, seed: int, params: IndexParams = PARAMS, path: Path | None = None

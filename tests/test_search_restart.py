@@ -43,7 +43,7 @@ def test_reopen_loads_the_saved_index_and_map_without_a_rebuild(migrated_url: st
     report = fresh.sync(mv, "image", DIM)
     assert report.action == "loaded" and report.count == 1200
     assert fresh.index(mv, "image", DIM).kind == "ivf" and fresh.index(mv, "image", DIM).curve
-    # its lists are views of the file (FAISS >= 1.11), not read into memory
+    # its lists are views of the file (where FAISS can map them), not read into memory
     assert fresh.index(mv, "image", DIM).mapped == hasattr(faiss, "IO_FLAG_MMAP_IFC")
     assert [[(h.embedding_id, h.image_id) for h in row] for row in fresh.search(mv, "image", queries, 10)] == before
     assert {h.image_id for row in fresh.search(mv, "image", queries, 10) for h in row} <= set(image_ids)
