@@ -10,7 +10,9 @@
   reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.
 * A file is written under a unique temporary name in its folder and renamed over the old one, so
   concurrent savers never mix one's manifest with another's vectors (the last rename wins), a failed
-  save leaves nothing, and a process still mapping the old file goes on reading the old file.
+  save leaves nothing, and a process still mapping the old file goes on reading the old file. That
+  holds on a local disk; a file rewritten in place (``cp`` over it, not ``mv``), or renamed over by
+  another host on NFS, would fault a process mapping it.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def read(path: Path, map_lists: bool = True) -> Saved:
         size = os.fstat(f.fileno()).st_size
         magic = f.read(len(LEGACY))
         if magic in (LEGACY, LEGACY_OWNERS):
-            manifest, owners, segments = _fields(f, path, with_owners=magic == LEGACY_OWNERS)
+            manifest, owners, segments = _fields(f, path, magic == LEGACY_OWNERS, size)
             return Saved(faiss.read_index(faiss.PyCallbackIOReader(f.read)), manifest, owners, segments, False)
         if size < 16 + len(TRAILER):
             raise ValueError(f"{path}: not an xdlabel index file")
@@ -102,7 +104,7 @@ def read(path: Path, map_lists: bool = True) -> Saved:
         f.seek(start)
         if f.read(len(TRAILER)) != TRAILER:
             raise ValueError(f"{path}: corrupt trailer")
-        manifest, owners, segments = _fields(f, path, with_owners=None)
+        manifest, owners, segments = _fields(f, path, None, size - 16)
         if f.tell() != size - 16:
             raise ValueError(f"{path}: corrupt trailer ({size - 16 - f.tell()} unexplained bytes)")
         # FAISS opens the file by name; through /proc it is this open file even if a saver has
@@ -118,10 +120,10 @@ def read(path: Path, map_lists: bool = True) -> Saved:
     return Saved(index, manifest, owners, segments, mapped)
 
 
-def _fields(f: BinaryIO, path: Path, with_owners: bool | None
+def _fields(f: BinaryIO, path: Path, with_owners: bool | None, end: int
             ) -> tuple[Manifest, tuple[np.ndarray, np.ndarray] | None, list[tuple[str, np.ndarray]]]:
-    """Manifest, id arrays and segment ids, from just after a magic. ``with_owners`` None: as the
-    manifest says."""
+    """Manifest, id arrays and segment ids, from just after a magic; none of them may reach past
+    ``end``. ``with_owners`` None: as the manifest says."""
     size = int.from_bytes(f.read(8), "little")
     if size > MAX_HEADER:
         raise ValueError(f"{path}: corrupt header")
@@ -130,20 +132,20 @@ def _fields(f: BinaryIO, path: Path, with_owners: bool | None
         fields["curve"] = [tuple(point) for point in fields.get("curve") or []] or None
         fields["segments"] = [(str(n), int(c)) for n, c in fields.get("segments") or []] or None
         manifest = Manifest(**fields)
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, AttributeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(f"{path}: corrupt manifest ({err})") from err
     owners = None
     if manifest.owners if with_owners is None else with_owners:
-        owners = (_read_ids(f, manifest.count, path), _read_ids(f, manifest.count, path))
-    segments = [(name, _read_ids(f, rows, path)) for name, rows in manifest.segments or []]
+        owners = (_read_ids(f, manifest.count, path, end), _read_ids(f, manifest.count, path, end))
+    segments = [(name, _read_ids(f, rows, path, end)) for name, rows in manifest.segments or []]
     return manifest, owners, segments
 
 
-def _read_ids(f: BinaryIO, count: int, path: Path) -> np.ndarray:
-    data = f.read(8 * count)
-    if len(data) != 8 * count:
-        raise ValueError(f"{path}: truncated id map")
-    return np.frombuffer(data, dtype="<i8").astype(np.int64)
+def _read_ids(f: BinaryIO, count: object, path: Path, end: int) -> np.ndarray:
+    # bounded before reading: a corrupt count must not allocate what the file does not hold
+    if not isinstance(count, int) or count < 0 or f.tell() + 8 * count > end:
+        raise ValueError(f"{path}: corrupt or truncated id map ({count!r} ids)")
+    return np.frombuffer(f.read(8 * count), dtype="<i8").astype(np.int64)
 
 
 def remove_stale_temps(path: Path) -> int:

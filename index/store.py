@@ -163,6 +163,7 @@ class RetrievalStore:
             if op == "delete":
                 deleted.add(embedding_id)
         gone = np.array(sorted(deleted), dtype=np.int64)
+        gone = gone[owners.contains(gone)]  # ids added and deleted since: no write (a mapped index stays mapped)
         removed = index.remove(gone)
         owners.remove(gone)
         wanted = np.array(sorted(i for i, op in last.items() if op == "add"), dtype=np.int64)

@@ -242,9 +242,11 @@ class VectorIndex:
         return self._mapped
 
     def _own(self) -> None:
-        """Copy mapped inverted lists into memory (FAISS aborts the process on a write to a mapped
-        list). The copy runs beside searches, which only read the mapped lists; only the swap takes
-        the lock. Every mutation calls this first, so none can run during the copy."""
+        """Copy what is mapped from the file (the inverted lists and the coarse quantizer) into
+        memory: FAISS aborts the process on a write to a mapped list, and the last mapped part
+        keeps the file's pages (and a replaced file's inode) held. The copy runs beside searches,
+        which only read the mapped parts; only the swap takes the lock. Every mutation calls this
+        first, so none can run during the copy."""
         if not self._mapped:
             return
         with self._own_lock:
@@ -256,11 +258,18 @@ class VectorIndex:
             for i in range(ivf.nlist):
                 if size := mapped.list_size(i):
                     owned.add_entries(i, size, mapped.get_ids(i), mapped.get_codes(i))
+            old_quantizer = ivf.quantizer
+            quantizer = faiss.IndexFlat(ivf.d, old_quantizer.metric_type)
+            quantizer.add(old_quantizer.reconstruct_n(0, old_quantizer.ntotal))
             with self._lock:
-                ivf.replace_invlists(owned, True)  # frees the mapped lists (and, last, the mapping)
-                owned.this.disown()  # the index owns the copy now
+                owned.this.disown()  # the index owns the copies from here on
+                ivf.replace_invlists(owned, True)  # deletes the mapped lists
+                quantizer.this.disown()
+                ivf.quantizer = quantizer  # the index owns its fields (read_index sets own_fields)
+                old_quantizer.this.acquire()  # deleted with this proxy: the index no longer points to it
                 self._mapped = False
                 self._gpu_dirty = True
+            del old_quantizer
 
     # -- search -------------------------------------------------------------------------------
 
