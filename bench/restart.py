@@ -69,6 +69,8 @@ def restarts(url: str, folder: Path, mv: int, dim: int, queries: Path, runs: int
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if result["action"] != "loaded" or path.stat().st_mtime_ns != mtime:
                 raise RuntimeError(f"{mode}: the saved index was not reused ({result['action']})")
+            if result["mapped"] != (mode == "mapped"):
+                raise RuntimeError(f"{mode}: the index was {'' if result['mapped'] else 'not '}mapped")
             out.append({**result, "mode": mode, "run": run, "wall_s": wall})
             print(f"  {mode:10s} run {run}: spawn->answer {wall:.2f}s, open {result['open_s']:.3f}s, "
                   f"first search {result['search_s'] * 1e3:.1f}ms, RSS {result['rss_mb']} MB", flush=True)
