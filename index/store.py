@@ -6,6 +6,11 @@ A saved index records the last ``seq`` it covers; opening it, or refreshing a lo
 only the log rows past that position (adds: their vectors from SQL; deletes: their ids). A missing,
 corrupt or inconsistent index is rebuilt from SQL, streamed in chunks.
 
+A store that may serve changes a little late (``refresh_seconds`` > 0, a server) answers its first
+search from the saved file as soon as it is mapped: the log's deletes past the file are hidden at
+once (one indexed SQL read), and applying the tail, checking the count against SQL and saving run
+in a background thread, as every later catch-up does.
+
 An index that outgrows its kind (flat past ``exact_max``; IVF whose size moved by ``retrain_factor``
 since training) is rebuilt in a background thread from SQL, brought up to date from the log and
 swapped in; searches keep using the old index meanwhile and never wait for the build.
@@ -51,6 +56,10 @@ class _Live:
     position: int
     dim: int
     checked: float
+    # opened without the log's tail: ids it deletes, still indexed but left out of hits, and the count
+    # against SQL not checked yet; the first catch-up applies the tail and checks
+    hidden: np.ndarray | None = None
+    verified: bool = True
     # new on every change to the index (unique in the process): cached filter results of older ones are stale
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
 
@@ -96,9 +105,11 @@ class RetrievalStore:
             with self._key_lock(key):
                 live = self._live.get(key)
                 if live is None:
-                    live, report = self._open(key, dim)
+                    live, report = self._open(key, dim, defer=bool(self.refresh_seconds))
                     self._live[key] = live
                     log.info("index mv%s-%s %s (%d vectors)", *key, report.action, report.count)
+                    if not live.verified:
+                        self._catch_up_in_background(key)
                     self._maybe_grow(key)
             return live
         if self.refresh_seconds is not None and time.monotonic() - live.checked >= self.refresh_seconds:
@@ -137,13 +148,24 @@ class RetrievalStore:
         deleted). Caller holds the key's lock."""
         live = self._live[key]
         live.checked = time.monotonic()
-        with self.sessions() as session:
+        with self.sessions() as session:  # a first write copies mapped lists: here, not on the query path
             position, added, removed = self._apply_log(session, key, live.index, live.owners, live.position)
+            count = None if live.verified else self._count(session, key)
         live.position = position
+        live.hidden = None  # removed from the index now
         if added or removed:
             live.generation = next(_GENERATIONS)
             log.info("index mv%s-%s caught up with the change log: +%d -%d", *key, added, removed)
-            self._maybe_grow(key)
+        if count is not None:
+            live.verified = True
+            if not self._agrees(live.index, live.owners, count):  # searches use it until the rebuild swaps
+                log.warning("index %s disagrees with SQL (%d vectors, SQL %d); rebuilding in the background",
+                            self._path(*key), live.index.ntotal, count)
+                self._start_build(key, live.dim)
+                return
+            if added or removed:  # the next open starts from here
+                save_with_owners(live.index, live.owners, self._path(*key), position)
+        self._maybe_grow(key)
 
     def _apply_log(self, session: Session, key: tuple[int, str], index: VectorIndex, owners: Owners,
                    position: int) -> tuple[int, int, int]:
@@ -202,7 +224,20 @@ class RetrievalStore:
     def _count(self, session: Session, key: tuple[int, str]) -> int:
         return int(session.scalar(select(func.count(Embedding.id)).where(*_where(*key))) or 0)
 
-    def _open(self, key: tuple[int, str], dim: int) -> tuple[_Live, SyncReport]:
+    def _deleted_since(self, session: Session, key: tuple[int, str], position: int) -> np.ndarray:
+        return np.array(session.scalars(select(EmbeddingChange.embedding_id).where(
+            EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
+            EmbeddingChange.seq > position, EmbeddingChange.op == "delete")).all(), dtype=np.int64)
+
+    @staticmethod
+    def _agrees(index: VectorIndex, owners: Owners, count: int) -> bool:
+        """A file that disagrees with SQL after the log (a database restored from a backup, a log
+        pruned past it) is not trusted."""
+        return index.ntotal == count and not (owners.image_ids < 0).any()
+
+    def _open(self, key: tuple[int, str], dim: int, defer: bool = False) -> tuple[_Live, SyncReport]:
+        """Open the saved index (or rebuild it). ``defer``: return before the log's tail is applied
+        and the count checked, with the tail's deletes hidden; ``_catch_up`` does the rest."""
         path = self._path(*key)
         remove_stale_temps(path)
         with self.sessions() as session:
@@ -218,11 +253,14 @@ class RetrievalStore:
                 return self._rebuild(session, key, dim)
             # the id map saved with the index (numpy arrays); SQL only for a file without one
             owners = Owners(*saved) if saved is not None else self._owners_of(session, key, index.ids())
+            if defer:
+                hidden = self._deleted_since(session, key, manifest.position)
+                hidden = hidden[owners.contains(hidden)]
+                return (_Live(index, owners, manifest.position, dim, time.monotonic(), hidden, verified=False),
+                        SyncReport("loaded", index.ntotal, removed=len(hidden)))
             position, added, removed = self._apply_log(session, key, index, owners, manifest.position)
             count = self._count(session, key)
-            # A file that disagrees with SQL after the log (a database restored from a backup, a
-            # log pruned past it) is not trusted: rebuild.
-            if index.ntotal != count or (owners.image_ids < 0).any():
+            if not self._agrees(index, owners, count):
                 log.warning("index %s disagrees with SQL (%d vectors, SQL %d); rebuilding", path, index.ntotal, count)
                 return self._rebuild(session, key, dim)
         live = _Live(index, owners, position, dim, time.monotonic())
@@ -274,17 +312,20 @@ class RetrievalStore:
     def _maybe_grow(self, key: tuple[int, str]) -> None:
         """Start a background rebuild when the loaded index has outgrown its kind."""
         live = self._live.get(key)
-        if live is None or not live.index.outgrown():
-            return
+        if live is not None and live.index.outgrown():
+            log.info("index mv%s-%s: %d vectors outgrew its %s index; rebuilding in the background",
+                     *key, live.index.ntotal, live.index.kind)
+            self._start_build(key, live.dim)
+
+    def _start_build(self, key: tuple[int, str], dim: int) -> None:
+        """Rebuild from SQL in a background thread and swap the result in; one at a time per key."""
         with self._lock:
             running = self._builds.get(key)
             if running is not None and running.is_alive():
                 return
-            thread = threading.Thread(target=self._grow, args=(key, live.dim), daemon=True,
+            thread = threading.Thread(target=self._grow, args=(key, dim), daemon=True,
                                       name=f"index-build-mv{key[0]}-{key[1]}")
             self._builds[key] = thread
-        log.info("index mv%s-%s: %d vectors outgrew its %s index; rebuilding in the background",
-                 *key, live.index.ntotal, live.index.kind)
         thread.start()
 
     def _grow(self, key: tuple[int, str], dim: int) -> None:
@@ -312,9 +353,14 @@ class RetrievalStore:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for background rebuilds and catch-ups; True when none is left running."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in [*self._builds.values(), *self._catching.values()]:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not any(t.is_alive() for t in list(self._builds.values()))
+        while True:  # a catch-up may start a rebuild: look again after each join
+            with self._lock:
+                running = [t for t in [*self._builds.values(), *self._catching.values()] if t.is_alive()]
+            if not running:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            running[0].join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- explicit sync, rebuild, save -----------------------------------------------------------
 
@@ -410,7 +456,12 @@ class RetrievalStore:
         live = self._get((model_version_id, kind), queries.shape[1])
         filters = filters or Filters()
         allowed = None if filters.empty else self.allowed.get(model_version_id, kind, live.generation, filters)
-        scores, ids = live.index.search(queries, k + offset, allowed=allowed, nprobe=nprobe, recall=recall)
+        hidden = live.hidden
+        depth = k + offset
+        scores, ids = live.index.search(queries, depth + (0 if hidden is None else len(hidden)), allowed=allowed,
+                                        nprobe=nprobe, recall=recall)
+        if hidden is not None:
+            scores, ids = _without(scores, ids, hidden, depth)
         scores, ids = scores[:, offset:], ids[:, offset:]
         if kind == "image":  # image hits carry no geometry: no SQL needed
             owners = live.owners.lookup(ids)
@@ -430,3 +481,12 @@ class RetrievalStore:
                 hits.append(Hit(e.id, e.image_id, float(score), e.box, e.mask_rle, e.label))
             results.append(hits)
         return results
+
+
+def _without(scores: np.ndarray, ids: np.ndarray, hidden: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``k`` hits of each row that are not ``hidden`` (rows stay sorted by score)."""
+    gone = np.isin(ids, hidden) | (ids < 0)
+    keep = np.argsort(gone, axis=1, kind="stable")[:, :k]
+    scores, ids = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+    missing = np.take_along_axis(gone, keep, axis=1)
+    return np.where(missing, -np.inf, scores), np.where(missing, -1, ids)
