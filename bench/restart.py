@@ -50,7 +50,7 @@ def child(url: str, folder: str, mv: int, dim: int, mode: str, queries: str) -> 
     if mode == "read whole":
         indexfile.read = functools.partial(indexfile.read, map_lists=False)  # type: ignore[assignment]
     imported = time.perf_counter()
-    store = RetrievalStore(make_session_factory(make_engine(url)), Path(folder))  # a server's: refresh 5 s
+    store = RetrievalStore(make_session_factory(make_engine(url)), Path(folder), defer_open=True)  # a server's
 
     def refuse(*_: object) -> None:
         raise RuntimeError("rebuilt from SQL")

@@ -6,10 +6,10 @@ A saved index records the last ``seq`` it covers; opening it, or refreshing a lo
 only the log rows past that position (adds: their vectors from SQL; deletes: their ids). A missing,
 corrupt or inconsistent index is rebuilt from SQL, streamed in chunks.
 
-A store that may serve changes a little late (``refresh_seconds`` > 0, a server) answers its first
-search from the saved file as soon as it is mapped: the log's deletes past the file are hidden at
-once (one indexed SQL read), and applying the tail, checking the count against SQL and saving run
-in a background thread, as every later catch-up does.
+A server's store (``defer_open``, with ``refresh_seconds`` > 0: it shows other processes' writes a
+little late anyway) answers its first search from the saved file as soon as it is mapped: the log's
+deletes past the file are hidden at once (one indexed SQL read), and applying the tail, checking the
+count against SQL and saving run in a background thread, as every later catch-up does.
 
 An index that outgrows its kind (flat past ``exact_max``; IVF whose size moved by ``retrain_factor``
 since training) is rebuilt in a background thread from SQL, brought up to date from the log and
@@ -70,13 +70,16 @@ def _where(model_version_id: int, kind: str) -> tuple[Any, Any]:
 
 class RetrievalStore:
     def __init__(self, sessions: sessionmaker[Session], index_dir: Path, params: IndexParams | None = None,
-                 refresh_seconds: float | None = 5.0) -> None:
+                 refresh_seconds: float | None = 5.0, defer_open: bool = False) -> None:
         """``refresh_seconds``: how often a loaded index reads the change log, so vectors written
-        by other processes (ingest workers) become searchable; None never checks again."""
+        by other processes (ingest workers) become searchable; None never checks again.
+        ``defer_open``: a first search does not wait for the log's tail (see above); for servers,
+        not for a command that must see every committed row."""
         self.sessions = sessions
         self.index_dir = Path(index_dir)
         self.params = params or IndexParams()
         self.refresh_seconds = refresh_seconds
+        self.defer_open = defer_open
         self.chunk = CHUNK
         self._live: dict[tuple[int, str], _Live] = {}
         self._locks: dict[tuple[int, str], threading.RLock] = {}
@@ -105,7 +108,7 @@ class RetrievalStore:
             with self._key_lock(key):
                 live = self._live.get(key)
                 if live is None:
-                    live, report = self._open(key, dim, defer=bool(self.refresh_seconds))
+                    live, report = self._open(key, dim, defer=self.defer_open and bool(self.refresh_seconds))
                     self._live[key] = live
                     log.info("index mv%s-%s %s (%d vectors)", *key, report.action, report.count)
                     if not live.verified:

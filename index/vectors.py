@@ -20,6 +20,9 @@
 * A saved index is one file (``index.indexfile``). Opening it maps an IVF index's inverted lists
   from the file instead of reading them; they are copied into memory before the first add or remove
   (``_own``), beside running searches.
+* Searches share the index (a readers-writer lock; FAISS allows concurrent searches on the CPU), and a
+  save writes the file beside them. Mutations are exclusive only for their write into the lists: an
+  IVF add assigns its vectors to lists before it takes the lock.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from index import indexfile
 from index.calibrate import Calibration, nprobe_for
 from index.fullvectors import FullVectors, remove_unreferenced
 from index.indexfile import Manifest
+from index.rwlock import ReadWriteLock
 
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
 
@@ -92,7 +96,7 @@ def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
 
 
 class VectorIndex:
-    """Thread-safe: searches share a lock with mutations (FAISS allows concurrent searches only)."""
+    """Thread-safe: searches and saves run together; adds, removes and saves one at a time."""
 
     def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0,
                  curve: list[tuple[int, float]] | None = None, full: FullVectors | None = None,
@@ -103,7 +107,9 @@ class VectorIndex:
             raise ValueError("a compressed index needs its full vectors, and only it has them")
         self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
         self.curve = [(int(p), float(r)) for p, r in curve or []] if isinstance(index, faiss.IndexIVF) else []
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()  # searches, saves' writes and id reads share; list writes exclude
+        self._mutate = threading.Lock()  # one add, remove, calibration or save at a time
+        self._gpu_lock = threading.Lock()  # the GPU copy: one search or refresh at a time
         self._gpu: faiss.Index | None = None
         self._gpu_dirty = True
         self._mapped = mapped  # IVF lists are read-only views of the saved file
@@ -158,7 +164,7 @@ class VectorIndex:
         def search(q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
             return self._search(q, k, None, nprobe)[1]
 
-        with self._lock:
+        with self._mutate, self._lock.write():
             nlist = int(self.index.nlist)
             # Compressed: first enough candidates that probing every list finds 99 % of the true top-10
             # (PQ distances alone rank too coarsely for that), then the nprobe curve at that depth.
@@ -199,7 +205,7 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     def ids(self) -> np.ndarray:
-        with self._lock:
+        with self._lock.read():
             if isinstance(self.index, faiss.IndexIVF):
                 invlists = self.index.invlists
                 parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
@@ -219,19 +225,27 @@ class VectorIndex:
             return
         x = _as_matrix(vectors, self.dim)
         self._own()
-        with self._lock:
-            if self.full is not None:
-                self.full.add(ids, x)  # first: a search never finds an id whose vector is not there
-            self.index.add_with_ids(x, ids)
-            if self._gpu is not None:
-                self._gpu.add_with_ids(x, ids)
+        with self._mutate:
+            ivf = isinstance(self.index, faiss.IndexIVF)
+            # the costly part, each vector's nearest list, reads only the quantizer: searches go on
+            lists = self.index.quantizer.search(x, 1)[1].ravel() if ivf else None
+            with self._lock.write():
+                if self.full is not None:
+                    self.full.add(ids, x)  # first: a search never finds an id whose vector is not there
+                if lists is not None:
+                    self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+                else:
+                    self.index.add_with_ids(x, ids)
+                if self._gpu is not None:
+                    with self._gpu_lock:
+                        self._gpu.add_with_ids(x, ids)
 
     def remove(self, ids: np.ndarray) -> int:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return 0
         self._own()
-        with self._lock:
+        with self._mutate, self._lock.write():
             # IVF's id hashtable removes only through an IDSelectorArray.
             removed = int(self.index.remove_ids(faiss.IDSelectorArray(ids)))
             self._gpu_dirty = True
@@ -261,7 +275,7 @@ class VectorIndex:
             old_quantizer = ivf.quantizer
             quantizer = faiss.IndexFlat(ivf.d, old_quantizer.metric_type)
             quantizer.add(old_quantizer.reconstruct_n(0, old_quantizer.ntotal))
-            with self._lock:
+            with self._lock.write():
                 owned.this.disown()  # the index owns the copies from here on
                 ivf.replace_invlists(owned, True)  # deletes the mapped lists
                 quantizer.this.disown()
@@ -279,7 +293,7 @@ class VectorIndex:
         ``recall``: the recall@10 target (default ``params.recall``); ``nprobe`` overrides it."""
         q = _as_matrix(queries, self.dim)
         k = max(1, int(k))
-        with self._lock:
+        with self._lock.read():
             ivf = isinstance(self.index, faiss.IndexIVF)
             probe = self.nprobe(recall, nprobe) if ivf else 0
             if allowed is None:
@@ -309,8 +323,11 @@ class VectorIndex:
         if self.full is not None:
             _, candidates = self.index.search(q, k * self.rerank, params=params)
             return self._rerank(q, k, candidates)
-        gpu = self._gpu_index() if selector is None else None
-        scores, ids = (gpu or self.index).search(q, k, params=None if gpu is not None else params)
+        if selector is None and self._use_gpu():
+            with self._gpu_lock:
+                scores, ids = self._gpu_index().search(q, k)
+        else:
+            scores, ids = self.index.search(q, k, params=params)
         scores[ids < 0] = -np.inf
         return scores, ids
 
@@ -324,12 +341,14 @@ class VectorIndex:
         ids = np.where(np.isfinite(scores), np.take_along_axis(candidates, top, axis=1), -1)
         return scores, ids
 
-    def _gpu_index(self) -> faiss.Index | None:
+    def _use_gpu(self) -> bool:
         use = self.params.use_gpu
         if use is None:
             use = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-        if not use:
-            return None
+        return bool(use)
+
+    def _gpu_index(self) -> faiss.Index:
+        """The GPU copy, made again after removals (GPU indexes cannot remove). Caller holds ``_gpu_lock``."""
         if self._gpu is None or self._gpu_dirty:
             self._resources = getattr(self, "_resources", None) or faiss.StandardGpuResources()
             self._gpu = faiss.index_cpu_to_gpu(self._resources, 0, self.index)
@@ -345,16 +364,20 @@ class VectorIndex:
         exactly the index's ids)."""
         if self.full is not None and self.full.path.resolve() != path.resolve():
             raise ValueError(f"a compressed index is saved where its full vectors are ({self.full.path}), not {path}")
-        with self._lock:
+        with self._mutate:  # no add or remove until the file is written
             manifest = self.manifest(position)
             if owners is not None:
                 if len(owners[0]) != self.ntotal or len(owners[1]) != self.ntotal:
                     raise ValueError(f"owners of {len(owners[0])} ids for an index of {self.ntotal}")
                 manifest = replace(manifest, owners=True)
-            segments = self.full.persist() if self.full is not None else []
+            segments = []
+            if self.full is not None:
+                with self._lock.write():  # closing the growing file changes what re-ranking reads
+                    segments = self.full.persist()
             if segments:
                 manifest = replace(manifest, segments=[(n, len(i)) for n, i in segments])
-            indexfile.write(path, self.index, manifest, owners, segments)
+            with self._lock.read():  # searches go on while the file is written
+                indexfile.write(path, self.index, manifest, owners, segments)
         if self.full is not None:  # only a compressed index has segment files to look for
             remove_unreferenced(path, {name for name, _ in manifest.segments or []})
         return manifest

@@ -1,9 +1,10 @@
 """A server's restart answers before the change log's tail is applied, on SQLite and PostgreSQL.
 
-A store that serves changes a little late (``refresh_seconds`` > 0) opens the saved file and answers
-at once: the tail's deletes are hidden from the first search, and applying the tail, checking the
-count against SQL and saving happen in a background thread. Injected: a catch-up held on a gate
-until the first searches are done, random tails of adds and deletes, and a file that disagrees
+A server's store (``defer_open``; it serves other processes' changes a little late anyway) opens
+the saved file and answers at once: the tail's deletes are hidden from the first search, and
+applying the tail, checking the count against SQL and saving happen in a background thread.
+Injected: a catch-up held on a gate until the first searches are done, random tails of adds and
+deletes, kill -9 of a server during its catch-up, and a file that disagrees
 with SQL."""
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def test_first_answer_does_not_wait_for_the_log_tail(migrated_url: str, tmp_path
         with sessions() as s:
             gone = set(s.scalars(select(EmbeddingChange.embedding_id).where(EmbeddingChange.op == "delete")))
 
-        server = RetrievalStore(sessions, folder, EXACT, refresh_seconds=60)
+        server = RetrievalStore(sessions, folder, EXACT, refresh_seconds=60, defer_open=True)
         entered, gate = held_catch_up(server, monkeypatch)
         hits = server.search(mv, "image", queries, 10)
         assert entered.wait(10), "no catch-up started for the tail"
@@ -104,7 +105,7 @@ def test_a_file_that_disagrees_with_sql_is_rebuilt_in_the_background(migrated_ur
         s.execute(delete(Embedding).where(Embedding.id.in_(doomed)))
         s.execute(delete(EmbeddingChange).where(EmbeddingChange.embedding_id.in_(doomed)))
         s.commit()
-    server = RetrievalStore(sessions, tmp_path / "index", EXACT, refresh_seconds=60)
+    server = RetrievalStore(sessions, tmp_path / "index", EXACT, refresh_seconds=60, defer_open=True)
     first = server.search(mv, "image", clustered(1, seed=3)[:1], 1)[0]
     assert first, "the first search did not answer"
     assert server.wait(60)
@@ -121,7 +122,7 @@ from index.store import RetrievalStore
 from index.vectors import IndexParams
 url, folder, mv = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 params = IndexParams(exact_max=5_000, nlist=64)  # the parent's
-store = RetrievalStore(make_session_factory(make_engine(url)), folder, params)  # a server's: refresh 5 s
+store = RetrievalStore(make_session_factory(make_engine(url)), folder, params, defer_open=True)  # a server's
 store._build = lambda *_: os._exit(3)  # the saved file must be used, never rebuilt from SQL
 store.search(mv, "image", np.ones((1, 256), np.float32), 10)
 print("answered", flush=True)

@@ -47,12 +47,15 @@ def version_name(config: str, checkpoint_sha256: str, preprocessing: Mapping[str
 
 
 class Services:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, serving: bool = False) -> None:
+        """``serving``: a server's, whose first search may answer before the index has caught up
+        with rows written since it was saved (a command's waits for them)."""
         self.settings = settings
         self.engine = make_engine(settings.sqlalchemy_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(
-            use_gpu=settings.use_gpu_index, recall=settings.search_recall, memory_gb=settings.index_memory_gb))
+            use_gpu=settings.use_gpu_index, recall=settings.search_recall, memory_gb=settings.index_memory_gb),
+            defer_open=serving)
         self.text_queries: dict[str, TextQueries] = {}  # per kind, made by xdlabel.search on first use
         self._lock = threading.Lock()
         # One model call at a time in this process (search and the ML backend): the model's memory is

@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     """An app that makes its own services (a server) runs ``warm_up`` in the background from startup;
     one given services (tests, benches) leaves that to its caller."""
     owned = services is None
-    services = services or Services(settings or Settings())
+    services = services or Services(settings or Settings(), serving=True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
