@@ -42,6 +42,7 @@ from index.indexfile import Manifest
 from index.rwlock import ReadWriteLock
 
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
+SPARE = 8  # lists copied from a mapped file get 1/SPARE more room
 
 @dataclass(frozen=True)
 class IndexParams:
@@ -271,6 +272,10 @@ class VectorIndex:
             owned = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
             for i in range(ivf.nlist):
                 if size := mapped.list_size(i):
+                    # Room to grow (a resize down keeps the capacity): the next adds, spread over
+                    # every list, would otherwise reallocate each list inside the write lock.
+                    owned.resize(i, size + size // SPARE + 4)
+                    owned.resize(i, 0)
                     owned.add_entries(i, size, mapped.get_ids(i), mapped.get_codes(i))
             old_quantizer = ivf.quantizer
             quantizer = faiss.IndexFlat(ivf.d, old_quantizer.metric_type)

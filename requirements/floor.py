@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-floor"
 FIND_LINKS = "/opt/wheels"
 # PyAV's floor is exercised by encoding and sampling real mp4/mkv/webm/mov files (no database needed).
-# test_index_file: FAISS at its floor has no IO_FLAG_MMAP_IFC, so saved indexes are read whole there.
+# test_index_file: FAISS at its floor has no IO_FLAG_MMAP_IFC, so saved indexes are read whole there;
+# test_index_locking: an IVF add there too goes through add_core with lists assigned beforehand.
 TESTS = ["tests/test_tokenizer.py", "tests/test_parity.py", "tests/test_bleu.py", "tests/test_index_file.py",
+         "tests/test_index_locking.py",
          "tests/test_video_ingest.py::test_fps_and_every_n_sample_the_expected_timestamps",
          "tests/test_video_ingest.py::test_scene_sampling_skips_static_stretches"]
 # Import names that differ from the distribution names.
