@@ -5,7 +5,8 @@
   is passed per call in ``SearchParametersIVF`` — a shared index is never mutated to serve one
   request. ``nprobe`` comes from a recall target (``index.calibrate``: a curve measured on the
   index's own data when it is built, saved in its manifest); an explicit ``nprobe`` overrides it.
-* Filters arrive as the allowed SQL ids: FAISS searches only those (``IDSelectorBatch``). IVF
+* Filters arrive as the allowed SQL ids: FAISS searches only those (a bitmap over the ids; a hash
+  set past ``BITMAP_MAX_ID``). IVF
   widens ``nprobe`` by the filter's selectivity, and probes every list (exact over the allowed set,
   in FAISS, no Python walk) when that is as cheap or the allowed set is small; a widened search
   that finds fewer than ``k`` probes every list, so a filter still returns ``k`` hits when ``k`` exist.
@@ -43,6 +44,7 @@ from index.rwlock import ReadWriteLock
 
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
 SPARE = 8  # lists copied from a mapped file get 1/SPARE more room
+BITMAP_MAX_ID = 1 << 27  # allowed ids below this are a bitmap (at most 16 MB), a cheaper test than a hash set
 
 @dataclass(frozen=True)
 class IndexParams:
@@ -303,7 +305,9 @@ class VectorIndex:
             probe = self.nprobe(recall, nprobe) if ivf else 0
             if allowed is None:
                 return self._search(q, k, None, probe)
-            allowed = np.unique(np.asarray(allowed, dtype=np.int64))
+            allowed = np.asarray(allowed, dtype=np.int64)
+            if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():  # the store's are sorted already
+                allowed = np.unique(allowed)
             if not ivf:
                 return self._search(q, k, allowed, 0)
             nlist = int(self.index.nlist)
@@ -318,7 +322,7 @@ class VectorIndex:
 
     def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-        selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        selector = allowed_selector(allowed) if allowed is not None else None
         if isinstance(self.index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=nprobe)
         else:
@@ -410,3 +414,17 @@ class VectorIndex:
             raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
                              f"manifest says {manifest}")
         return loaded, manifest, saved.owners
+
+
+def allowed_selector(allowed: np.ndarray) -> faiss.IDSelector:
+    """FAISS's test for "is this id allowed" over sorted unique ``allowed``: one bit per id up to the
+    largest (ids are SQL keys counting from 1), so scanning a list costs a bit test per entry."""
+    if not len(allowed) or allowed[0] < 0 or allowed[-1] >= BITMAP_MAX_ID:
+        return faiss.IDSelectorBatch(allowed)
+    bits = np.zeros(int(allowed[-1]) // 8 + 1, np.uint8)
+    byte = allowed >> 3
+    first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])  # ids sharing a byte are neighbours
+    bits[byte[first]] = np.bitwise_or.reduceat((1 << (allowed & 7)).astype(np.uint8), first)
+    selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))
+    selector.bits = bits  # FAISS reads the array in place: keep it alive with the selector
+    return selector

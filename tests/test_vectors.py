@@ -61,6 +61,45 @@ def test_selective_filter_still_returns_k(data, params: IndexParams) -> None:  #
     assert recall(found, brute(x[allowed_pos], allowed, q, 10)) == 1.0
 
 
+@pytest.mark.parametrize("exact_max", [50_000, 500], ids=["flat", "ivf"])
+def test_filters_of_any_shape_search_exactly_the_allowed_ids(exact_max: int) -> None:
+    """60 seeded random allowed sets: empty, one id, neighbours sharing a bitmap byte, ids absent
+    from the index (0, negative, past its largest), unsorted with repeats, and ids on both sides of
+    the bitmap's limit (a hash set there). With every list probed, the hits are exactly brute force
+    over the allowed vectors the index holds."""
+    from index import vectors
+
+    rng = np.random.default_rng(17)
+    ids = np.sort(np.r_[np.arange(1, 1901), rng.choice(np.arange(vectors.BITMAP_MAX_ID - 60,
+                                                                  vectors.BITMAP_MAX_ID + 60), 100, replace=False)])
+    x = clustered(len(ids), seed=18)
+    index = VectorIndex.build(DIM, ids, x, IndexParams(exact_max=exact_max, nlist=16, nprobe=16))
+    q = clustered(5, seed=19)
+    for trial in range(60):
+        shape = trial % 6
+        if shape == 0:
+            allowed = ids[:0]
+        elif shape == 1:
+            allowed = rng.choice(ids, 1)
+        elif shape == 2:  # runs of neighbours: several ids in one byte of the bitmap
+            start = int(rng.integers(1, 1880))
+            allowed = np.arange(start, start + int(rng.integers(2, 20)))
+        elif shape == 3:  # absent ids mixed in
+            allowed = np.r_[rng.choice(ids, int(rng.integers(1, 200))), [0, -5, 10**6, 2**40]]
+        elif shape == 4:  # unsorted, with repeats
+            allowed = rng.choice(ids, int(rng.integers(10, 400)))
+        else:  # mostly the large ids, across the bitmap's limit
+            allowed = np.r_[rng.choice(ids[-100:], int(rng.integers(1, 60))), rng.choice(ids[:1900], 5)]
+        held = np.isin(ids, allowed)
+        scores, found = index.search(q, 10, allowed=allowed)
+        k = min(10, int(held.sum()))
+        if k == 0:
+            assert (found == -1).all(), trial
+            continue
+        assert np.array_equal(found[:, :k], brute(x[held], ids[held], q, k)), trial
+        assert (found[:, k:] == -1).all(), trial
+
+
 def test_add_remove_and_persistence(data, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     x, ids, q = data
     index = VectorIndex.build(DIM, ids[:1000], x[:1000])
