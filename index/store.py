@@ -22,22 +22,22 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from index import sqlrows
 from index.allowed import AllowedCache
 from index.calibrate import Calibration
 from index.filters import Filters
 from index.indexfile import Manifest, remove_stale_temps
-from index.models import Embedding, EmbeddingChange, Image
+from index.models import Embedding, Image
 from index.owners import Owners
-from index.records import Hit, NewEmbedding, SyncReport, arrays, from_bytes, save_with_owners, to_bytes
+from index.records import Hit, NewEmbedding, SyncReport, from_bytes, save_with_owners, to_bytes
 from index.vectors import IndexParams, VectorIndex, train_size
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,6 @@ class _Live:
     verified: bool = True
     # new on every change to the index (unique in the process): cached filter results of older ones are stale
     generation: int = field(default_factory=lambda: next(_GENERATIONS))
-
-
-def _where(model_version_id: int, kind: str) -> tuple[Any, Any]:
-    return Embedding.model_version_id == model_version_id, Embedding.kind == kind
 
 
 class RetrievalStore:
@@ -153,7 +149,7 @@ class RetrievalStore:
         live.checked = time.monotonic()
         with self.sessions() as session:  # a first write copies mapped lists: here, not on the query path
             position, added, removed = self._apply_log(session, key, live.index, live.owners, live.position)
-            count = None if live.verified else self._count(session, key)
+            count = None if live.verified else sqlrows.count(session, key)
         live.position = position
         live.hidden = None  # removed from the index now
         if added or removed:
@@ -175,10 +171,7 @@ class RetrievalStore:
         """Bring ``index``/``owners`` from ``position`` to the end of the log; idempotent, so it
         may start from a position some of whose later changes the index already has.
         Returns (new position, added, removed)."""
-        rows = session.execute(select(EmbeddingChange.seq, EmbeddingChange.embedding_id, EmbeddingChange.op)
-                               .where(EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
-                                      EmbeddingChange.seq > position)
-                               .order_by(EmbeddingChange.seq)).all()
+        rows = sqlrows.log_tail(session, key, position)
         if not rows:
             return position, 0, 0
         last: dict[int, str] = {}
@@ -194,43 +187,11 @@ class RetrievalStore:
         wanted = np.array(sorted(i for i, op in last.items() if op == "add"), dtype=np.int64)
         wanted = wanted[~owners.contains(wanted)]  # already added by this process
         added = 0
-        for ids, image_ids, vectors in self._vectors(session, key, wanted.tolist()):
+        for ids, image_ids, vectors in sqlrows.vectors(session, key, wanted.tolist(), self.chunk):
             owners.add(ids, image_ids)  # owners first: a concurrent search never finds an id it cannot place
             index.add(ids, vectors)
             added += len(ids)
         return int(rows[-1][0]), added, removed
-
-    def _vectors(self, session: Session, key: tuple[int, str], ids: Iterable[int] | None
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ids, image ids, vectors) of the given ids, or of all rows of ``key``, in chunks."""
-        columns = select(Embedding.id, Embedding.image_id, Embedding.vector).where(*_where(*key))
-        if ids is not None:
-            wanted = list(ids)
-            queries = (columns.where(Embedding.id.in_(wanted[i:i + self.chunk]))
-                       for i in range(0, len(wanted), self.chunk))
-            for query in queries:
-                rows = session.execute(query).all()
-                if rows:
-                    yield arrays(rows)
-            return
-        after = -1
-        while True:  # keyset pagination on (model_version_id, kind, id): one chunk in memory at a time
-            rows = session.execute(columns.where(Embedding.id > after).order_by(Embedding.id).limit(self.chunk)).all()
-            if not rows:
-                return
-            after = int(rows[-1][0])
-            yield arrays(rows)
-
-    def _log_end(self, session: Session) -> int:
-        return int(session.scalar(select(func.coalesce(func.max(EmbeddingChange.seq), 0))) or 0)
-
-    def _count(self, session: Session, key: tuple[int, str]) -> int:
-        return int(session.scalar(select(func.count(Embedding.id)).where(*_where(*key))) or 0)
-
-    def _deleted_since(self, session: Session, key: tuple[int, str], position: int) -> np.ndarray:
-        return np.array(session.scalars(select(EmbeddingChange.embedding_id).where(
-            EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
-            EmbeddingChange.seq > position, EmbeddingChange.op == "delete")).all(), dtype=np.int64)
 
     @staticmethod
     def _agrees(index: VectorIndex, owners: Owners, count: int) -> bool:
@@ -248,7 +209,7 @@ class RetrievalStore:
                 index, manifest, saved = VectorIndex.load_with_owners(path, self.params)
                 if index.dim != dim:
                     raise ValueError(f"dimension {index.dim} != {dim}")
-                if manifest.position > self._log_end(session):
+                if manifest.position > sqlrows.log_end(session):
                     raise ValueError(f"covers change {manifest.position}, past the end of this database's log")
             except (OSError, RuntimeError, ValueError, TypeError, KeyError) as err:
                 if path.exists():
@@ -257,12 +218,12 @@ class RetrievalStore:
             # the id map saved with the index (numpy arrays); SQL only for a file without one
             owners = Owners(*saved) if saved is not None else self._owners_of(session, key, index.ids())
             if defer:
-                hidden = self._deleted_since(session, key, manifest.position)
+                hidden = sqlrows.deleted_since(session, key, manifest.position)
                 hidden = hidden[owners.contains(hidden)]
                 return (_Live(index, owners, manifest.position, dim, time.monotonic(), hidden, verified=False),
                         SyncReport("loaded", index.ntotal, removed=len(hidden)))
             position, added, removed = self._apply_log(session, key, index, owners, manifest.position)
-            count = self._count(session, key)
+            count = sqlrows.count(session, key)
             if not self._agrees(index, owners, count):
                 log.warning("index %s disagrees with SQL (%d vectors, SQL %d); rebuilding", path, index.ntotal, count)
                 return self._rebuild(session, key, dim)
@@ -274,25 +235,26 @@ class RetrievalStore:
 
     def _owners_of(self, session: Session, key: tuple[int, str], ids: np.ndarray) -> Owners:
         """Owners of exactly ``ids``; ids no longer in SQL get image -1 (the log removes them)."""
-        rows = session.execute(select(Embedding.id, Embedding.image_id).where(*_where(*key))).all()
+        rows = session.execute(select(Embedding.id, Embedding.image_id).where(*sqlrows.where(key))).all()
         sql = Owners(*np.array(rows, dtype=np.int64).reshape(-1, 2).T)
         return Owners(ids, sql.lookup(np.asarray(ids, np.int64)))
 
     def _build(self, session: Session, key: tuple[int, str], dim: int) -> tuple[VectorIndex, Owners, int]:
         """A new index from SQL, streamed, up to date with the log at the end (not locked: the
         caller swaps it in). IVF is trained on a random sample of the rows."""
-        position = self._log_end(session)  # every change up to here is in what is read below
-        all_ids = np.array(session.scalars(select(Embedding.id).where(*_where(*key))).all(), dtype=np.int64)
+        position = sqlrows.log_end(session)  # every change up to here is in what is read below
+        all_ids = np.array(session.scalars(select(Embedding.id).where(*sqlrows.where(key))).all(), dtype=np.int64)
         sample = np.zeros((0, dim), np.float32)
         if len(all_ids) > self.params.exact_max:
             chosen = np.random.default_rng(0).choice(all_ids, train_size(len(all_ids), self.params, dim), replace=False)
-            sample = np.concatenate([v for _, _, v in self._vectors(session, key, np.sort(chosen).tolist())])
+            picked = sqlrows.vectors(session, key, np.sort(chosen).tolist(), self.chunk)
+            sample = np.concatenate([v for _, _, v in picked])
         del all_ids
-        index = VectorIndex.empty(dim, self._count(session, key), sample, self.params, self._path(*key))
+        index = VectorIndex.empty(dim, sqlrows.count(session, key), sample, self.params, self._path(*key))
         calibration = Calibration(sample) if index.kind != "flat" else None
         del sample
         parts = []
-        for ids, image_ids, vectors in self._vectors(session, key, None):
+        for ids, image_ids, vectors in sqlrows.vectors(session, key, None, self.chunk):
             index.add(ids, vectors)
             if calibration is not None:  # exact top-10 of the calibration queries, on the same stream
                 calibration.observe(ids, vectors)
