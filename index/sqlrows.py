@@ -48,16 +48,19 @@ def log_end(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.max(EmbeddingChange.seq), 0))) or 0)
 
 
+def _past(key: Key, position: int) -> tuple[Any, Any, Any]:
+    """``key``'s log rows past ``position`` (the index on model version, kind, seq)."""
+    return (EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
+            EmbeddingChange.seq > position)
+
+
 def log_tail(session: Session, key: Key, position: int) -> list[Any]:
     """(seq, embedding id, op) of ``key``'s log rows past ``position``, in order."""
     return list(session.execute(select(EmbeddingChange.seq, EmbeddingChange.embedding_id, EmbeddingChange.op)
-                                .where(EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
-                                       EmbeddingChange.seq > position)
-                                .order_by(EmbeddingChange.seq)).all())
+                                .where(*_past(key, position)).order_by(EmbeddingChange.seq)).all())
 
 
 def deleted_since(session: Session, key: Key, position: int) -> np.ndarray:
     """Ids the log deletes past ``position`` (one indexed read)."""
     return np.array(session.scalars(select(EmbeddingChange.embedding_id).where(
-        EmbeddingChange.model_version_id == key[0], EmbeddingChange.kind == key[1],
-        EmbeddingChange.seq > position, EmbeddingChange.op == "delete")).all(), dtype=np.int64)
+        *_past(key, position), EmbeddingChange.op == "delete")).all(), dtype=np.int64)

@@ -220,7 +220,8 @@ class RetrievalStore:
             if defer:
                 hidden = sqlrows.deleted_since(session, key, manifest.position)
                 hidden = hidden[owners.contains(hidden)]
-                return (_Live(index, owners, manifest.position, dim, time.monotonic(), hidden, verified=False),
+                return (_Live(index, owners, manifest.position, dim, time.monotonic(),
+                              hidden if len(hidden) else None, verified=False),  # None: searches skip the filter
                         SyncReport("loaded", index.ntotal, removed=len(hidden)))
             position, added, removed = self._apply_log(session, key, index, owners, manifest.position)
             count = sqlrows.count(session, key)

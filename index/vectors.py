@@ -308,21 +308,21 @@ class VectorIndex:
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():  # the store's are sorted already
                 allowed = np.unique(allowed)
+            selector = allowed_selector(allowed)  # once: a widened search may run twice
             if not ivf:
-                return self._search(q, k, allowed, 0)
+                return self._search(q, k, selector, 0)
             nlist = int(self.index.nlist)
             share = len(allowed) / max(1, self.ntotal)
             widened = min(nlist, math.ceil(probe / max(share, 1e-9)))
             if len(allowed) <= self.params.exact_filter_max or widened * 2 >= nlist:
-                return self._search(q, k, allowed, nlist)  # every list: exact over the allowed ids
-            scores, ids = self._search(q, k, allowed, widened)
+                return self._search(q, k, selector, nlist)  # every list: exact over the allowed ids
+            scores, ids = self._search(q, k, selector, widened)
             if (ids < 0).any() and len(allowed) >= k:
-                return self._search(q, k, allowed, nlist)  # too few lists for this filter
+                return self._search(q, k, selector, nlist)  # too few lists for this filter
             return scores, ids
 
-    def _search(self, q: np.ndarray, k: int, allowed: np.ndarray | None, nprobe: int
+    def _search(self, q: np.ndarray, k: int, selector: faiss.IDSelector | None, nprobe: int
                 ) -> tuple[np.ndarray, np.ndarray]:
-        selector = allowed_selector(allowed) if allowed is not None else None
         if isinstance(self.index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=nprobe)
         else:
