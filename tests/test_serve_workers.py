@@ -1,10 +1,13 @@
 """``xdlabel serve --workers 2``, the real command: two server processes on one port answer the
 same searches, a revoked key is refused by every process from the next request, and a worker
-killed with SIGKILL under load is replaced while the other keeps answering. With the ML backend on
-(its per-project state lives in one process) more than one worker is refused."""
+killed with SIGKILL under load is replaced while the other keeps answering; keep-alive connections
+that all landed on one worker are spread over both. With the ML backend on (its per-project state
+lives in one process) more than one worker is refused."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -12,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
+from http.client import HTTPConnection
 from pathlib import Path
 
 import httpx
@@ -148,3 +153,124 @@ def test_two_workers_answer_alike_refuse_a_revoked_key_and_survive_a_killed_work
     refused = [httpx.post(f"{base}/v1/search/text", json=QUERY, headers=headers, timeout=60).status_code
                for _ in range(40)]
     assert set(refused) == {401}
+
+
+def _client_owners(workers: list[int], port: int) -> dict[int, int]:
+    """Which worker process holds each established connection to ``port``, by the client's port
+    (from /proc: each worker's socket inodes, and the kernel's TCP table)."""
+    pid_of_inode = {}
+    for pid in workers:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):  # closed while listed
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    pid_of_inode[link[8:-1]] = pid
+    owners = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "01" and inode in pid_of_inode:
+                owners[int(remote.rsplit(":", 1)[1], 16)] = pid_of_inode[inode]
+    return owners
+
+
+def _pile_onto_one_worker(workers: list[int], port: int, count: int) -> list[socket.socket]:
+    """``count`` connections, all held by one worker: the worst split a burst of connects can give.
+    Plain TCP connects (no request yet), so no worker has had a chance to let any go."""
+    kept: list[socket.socket] = []
+    target = None
+    while len(kept) < count:
+        fresh = [socket.create_connection(("127.0.0.1", port)) for _ in range(count - len(kept))]
+        ports = {s.getsockname()[1] for s in fresh}
+        wait_for(lambda: ports <= _client_owners(workers, port).keys(), 10, "the workers to accept")  # noqa: B023
+        owners = _client_owners(workers, port)
+        for s in fresh:
+            target = target or owners[s.getsockname()[1]]
+            if owners[s.getsockname()[1]] == target:
+                kept.append(s)
+            else:
+                s.close()
+    return kept
+
+
+def _accepted_by(worker: int, workers: list[int], port: int) -> bool:
+    """Whether a new connection lands on ``worker`` (which then listens: its app is loaded)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        wait_for(lambda: s.getsockname()[1] in _client_owners(workers, port), 10, "the connection accepted")
+        return _client_owners(workers, port)[s.getsockname()[1]] == worker
+
+
+def _searches_for(seconds: float, base: str, key: str, workers: list[int], sockets: list[socket.socket]
+                  ) -> tuple[list[int], int, list[int]]:
+    """Each socket's client searches for ``seconds`` (reconnecting when a response says
+    ``Connection: close``); then, every client connected, how many connections each worker holds.
+    Returns the statuses, how many responses said close, and the split."""
+    port = int(base.rsplit(":", 1)[1])
+    body, headers = json.dumps(QUERY), {"X-API-Key": key, "Content-Type": "application/json"}
+    statuses: list[int] = []
+    closes: list[int] = []
+    stop = time.monotonic() + seconds
+    finished = threading.Barrier(len(sockets) + 1)
+
+    def client(http: HTTPConnection) -> None:
+        try:
+            while time.monotonic() < stop:
+                http.request("POST", "/v1/search/text", body, headers)
+                response = http.getresponse()
+                response.read()
+                statuses.append(response.status)
+                closes.extend([1] if response.getheader("connection", "").lower() == "close" else [])
+            if http.sock is None:  # let go by the last response: connected again, so it is counted
+                http.connect()
+            finished.wait()
+            finished.wait()  # held open while the split is read
+        finally:
+            http.close()
+
+    connections = []
+    for s in sockets:
+        http = HTTPConnection("127.0.0.1", port, timeout=60)
+        http.sock = s  # the piled connection; http.client connects again by itself after a close
+        connections.append(http)
+    threads = [threading.Thread(target=client, args=(http,)) for http in connections]
+    for t in threads:
+        t.start()
+    finished.wait()
+    wait_for(lambda: len(_client_owners(workers, port)) == len(sockets), 10, "every client connected")
+    split = sorted(Counter(_client_owners(workers, port).values()).values())
+    finished.wait()
+    for t in threads:
+        t.join()
+    return statuses, len(closes), split
+
+
+def test_keep_alive_connections_that_land_on_one_worker_are_spread_over_both(served) -> None:  # type: ignore[no-untyped-def]
+    """Injected: 3 seeded trials of 8-64 keep-alive connections, every one of them on the same
+    worker (the worst of the splits a burst of connects gave, 15/1 of 16), then 3 s of searches on
+    each; and before the third trial a kill -9 of a worker, whose replacement must take its place.
+    After each trial the connections are within 3 of an even split (a worker lets connections go
+    while it holds more than its share rounded up plus one), every search was answered, and at most
+    three connections were let go per connection held (a reconnect may land where it was)."""
+    base, key, pid, _ = served
+    port = int(base.rsplit(":", 1)[1])
+    rng = np.random.default_rng(7)
+    for trial in range(3):
+        workers = children(pid)
+        count = int(rng.integers(8, 65))
+        sockets = _pile_onto_one_worker(workers, port, count)
+        assert sorted(Counter(_client_owners(workers, port).values()).values()) == [count]
+        statuses, closes, split = _searches_for(3.0, base, key, workers, sockets)
+        print(f"trial {trial}: {count} connections on one worker -> {split} after 3 s, "
+              f"{len(statuses)} searches, {closes} connections let go")
+        assert statuses and set(statuses) == {200}
+        assert len(split) == 2 and sum(split) == count and split[1] - split[0] <= 3, split
+        assert closes <= 3 * count
+        if trial == 1:  # the replacement of a worker killed with SIGKILL claims the row it had
+            victim = workers[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: len(children(pid)) == 2 and victim not in children(pid), 60,  # noqa: B023
+                     "a replacement worker")
+            replacement = (set(children(pid)) - set(workers)).pop()
+            wait_for(lambda: _accepted_by(replacement, children(pid), port), 120,  # noqa: B023
+                     "a connection accepted by the replacement")

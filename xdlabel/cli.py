@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from index.db import upgrade
     from xdlabel.api.app import CONFIG_FILE_VARIABLE, create_app
+    from xdlabel.api.spread import CONNECTION_BOARD_VARIABLE, ConnectionBoard
 
     settings = settings_of(args)
     if args.workers > 1 and settings.ml_backend_password:
@@ -106,8 +107,14 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ.pop(CONFIG_FILE_VARIABLE, None)
     # the workers' model threads share the cores instead of each taking all of them
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.workers)))
-    uvicorn.run("xdlabel.api.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
-                port=args.port, log_level="info")
+    # keep-alive connections that a burst sent to one worker are spread over all (xdlabel.api.spread)
+    board = ConnectionBoard.create()
+    os.environ[CONNECTION_BOARD_VARIABLE] = str(board)
+    try:
+        uvicorn.run("xdlabel.api.app:app_from_environment", factory=True, workers=args.workers, host=args.host,
+                    port=args.port, log_level="info", http="xdlabel.api.spread:CountingProtocol")
+    finally:
+        board.unlink(missing_ok=True)
     return 0
 
 

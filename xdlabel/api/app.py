@@ -27,6 +27,7 @@ from xdlabel.api.auth import header, key_scopes
 from xdlabel.api.limits import MULTIPART_OVERHEAD, BodyLimit
 from xdlabel.api.routes import ERRORS, router
 from xdlabel.api.schemas import ReadyOut
+from xdlabel.api.spread import SpreadConnections, board
 from xdlabel.services import Services
 from xdlabel.settings import Settings, load_settings
 
@@ -73,8 +74,11 @@ def warm_up(services: Services) -> None:
 
 def app_from_environment() -> FastAPI:
     """The app of one ``xdlabel serve --workers N`` process: settings from XDLABEL_* variables over
-    the config file the command was given."""
-    return create_app(load_settings(os.environ.get(CONFIG_FILE_VARIABLE)))
+    the config file the command was given, and its keep-alive connections spread over the workers."""
+    app = create_app(load_settings(os.environ.get(CONFIG_FILE_VARIABLE)))
+    board()  # this worker's row on the supervisor's board, claimed before its first connection
+    app.add_middleware(SpreadConnections)
+    return app
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
