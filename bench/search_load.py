@@ -7,8 +7,14 @@ each connected before the clock starts, post /v1/search/text for a fixed time, w
 as shipped (query-text cache + micro-batched encodes) and a baseline with both off (cache size 0,
 no batching window, batches of one: a model call per request, except that identical texts in
 flight at once still share one); then the production command, ``xdlabel serve --workers 2`` (two
-server processes on one port; their model calls are not counted). Clients and servers share this
-machine's cores.
+server processes on one port; their model calls are not counted).
+
+Clients and servers share this machine's cores, so the clients' own cost is part of every figure.
+Each row is measured twice, interleaved: with clients on the standard library's ``http.client``
+(HTTP/1.1 keep-alive, little work per request) and on ``httpx`` (the client the tests use), whose
+heavier per-request work in 64 threads under one GIL adds queueing of its own to the latencies.
+For the two-process server the table gives how the connections were spread over the two processes
+when the clock started and when it stopped.
 
     python -m bench.search_load --serve DATA_DIR DATABASE_URL shipped|baseline   (the server process)
 """
@@ -16,8 +22,12 @@ machine's cores.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import itertools
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +44,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
+CLIENTS = ("http.client", "httpx")
 MODES = (("baseline: no cache, no batching", "baseline"), ("shipped: cache + batching", "shipped"))
 
 
@@ -61,18 +72,20 @@ def run(n: int, seconds: float, clients: tuple[int, ...] = (16, 64)) -> list[dic
             with _server(tmp, url, name) as (base, calls):
                 for workload in ("repeated", "distinct"):
                     for count in clients:
-                        before = calls()
-                        row = _measure(base, key, workload, count, seconds, counter)
-                        rows.append({"mode": mode, "workload": workload, "clients": count,
-                                     "model_calls": calls() - before, **row})
-                        print(f"  {rows[-1]}", flush=True)
+                        for client in CLIENTS:  # interleaved, so both meet the server in the same state
+                            before = calls()
+                            row = _measure(base, key, workload, count, seconds, counter, client)
+                            rows.append({"mode": mode, "workload": workload, "clients": count,
+                                         "model_calls": calls() - before, **row})
+                            print(f"  {rows[-1]}", flush=True)
         with _cli_server(tmp, url, WORKERS) as base:
             for workload in ("repeated", "distinct"):
                 for count in clients:
-                    row = _measure(base, key, workload, count, seconds, counter)
-                    rows.append({"mode": f"shipped: xdlabel serve --workers {WORKERS}", "workload": workload,
-                                 "clients": count, "model_calls": None, **row})
-                    print(f"  {rows[-1]}", flush=True)
+                    for client in CLIENTS:  # interleaved, so both meet the server in the same state
+                        row = _measure(base, key, workload, count, seconds, counter, client)
+                        rows.append({"mode": f"shipped: xdlabel serve --workers {WORKERS}", "workload": workload,
+                                     "clients": count, "model_calls": None, **row})
+                        print(f"  {rows[-1]}", flush=True)
     return rows
 
 
@@ -141,33 +154,70 @@ def _server(data_dir: str, url: str, mode: str) -> Iterator[tuple[str, Any]]:
         proc.wait(30)
 
 
-def _measure(base: str, key: str, workload: str, count: int, seconds: float, counter: Iterator[int]
-             ) -> dict[str, Any]:
-    import httpx
+class _StdlibClient:
+    """One keep-alive connection through ``http.client``: little work per request beyond the socket."""
 
+    def __init__(self, base: str, key: str) -> None:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.headers = {"X-API-Key": key, "Content-Type": "application/json"}
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+        self.connection.request(method, path, None if body is None else json.dumps(body), self.headers)
+        response = self.connection.getresponse()
+        response.read()  # the connection is reused only once the body is read
+        return response.status
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class _HttpxClient:
+    def __init__(self, base: str, key: str) -> None:
+        import httpx
+
+        self.http = httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=120)
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+        return self.http.request(method, path, json=body).status_code
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _measure(base: str, key: str, workload: str, count: int, seconds: float, counter: Iterator[int],
+             client_kind: str = "http.client") -> dict[str, Any]:
+    make = _StdlibClient if client_kind == "http.client" else _HttpxClient
     times: list[float] = []
     errors: list[int] = []
     window: list[float] = []  # the measured interval, from when every client is connected
+    splits: list[list[int]] = []  # connections per server process, when the clock starts and ends
 
     def open_window() -> None:
+        splits.append(_connections_per_process(base))
         now = time.perf_counter()
         window[:] = [now, now + seconds]
 
     ready = threading.Barrier(count + 1, action=open_window)  # runs before any thread goes on
+    done = threading.Barrier(count, action=lambda: splits.append(_connections_per_process(base)))
 
     def client(seed: int) -> None:
         rng = np.random.default_rng(seed)
-        with httpx.Client(base_url=base, headers={"X-API-Key": key}, timeout=120) as http:
-            http.get("/health")  # connected before the clock starts
+        http = make(base, key)
+        try:
+            http.request("GET", "/health")  # connected before the clock starts
             ready.wait()
             while time.perf_counter() < window[1]:
                 text = (f"a photo of shape {int(rng.integers(0, 8))}" if workload == "repeated"
                         else f"a photo of thing {next(counter)}")
                 start = time.perf_counter()
-                r = http.post("/v1/search/text", json={"query": text, "k": 10})
+                status = http.request("POST", "/v1/search/text", {"query": text, "k": 10})
                 times.append(time.perf_counter() - start)
-                if r.status_code != 200:
-                    errors.append(r.status_code)
+                if status != 200:
+                    errors.append(status)
+            done.wait()
+        finally:
+            http.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
     for t in threads:
@@ -176,8 +226,23 @@ def _measure(base: str, key: str, workload: str, count: int, seconds: float, cou
     for t in threads:
         t.join()
     wall = time.perf_counter() - window[0]  # includes the requests in flight at the end
-    return {"qps": len(times) / wall, "p50_ms": float(np.percentile(times, 50) * 1e3),
-            "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors), "requests": len(times)}
+    return {"client": client_kind, "qps": len(times) / wall, "p50_ms": float(np.percentile(times, 50) * 1e3),
+            "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors), "requests": len(times),
+            "split": splits}
+
+
+def _connections_per_process(base: str) -> list[int]:
+    """How many of the established connections to the server's port each server process holds,
+    most first (from ``ss``; empty where it is missing)."""
+    if shutil.which("ss") is None:
+        return []
+    port = base.rsplit(":", 1)[1]
+    listing = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True).stdout
+    counts: dict[str, int] = {}
+    for pid in re.findall(r"pid=(\d+)", listing):
+        counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
 
 
 def serve(data_dir: str, url: str, mode: str) -> None:
@@ -207,13 +272,15 @@ def serve(data_dir: str, url: str, mode: str) -> None:
 def print_table(rows: list[dict[str, Any]], n: int) -> None:
     print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), servers in processes "
           f"of their own, clients in this one, on this machine")
-    header = f"{'mode':<36}{'texts':<10}{'clients':>8}{'QPS':>8}{'p50 ms':>9}{'p99 ms':>9}{'calls':>7}{'errors':>7}"
+    header = (f"{'mode':<36}{'client':<13}{'texts':<10}{'clients':>8}{'split':>14}{'QPS':>7}{'p50 ms':>8}"
+              f"{'p99 ms':>8}{'calls':>7}{'errors':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         calls = "-" if r["model_calls"] is None else r["model_calls"]
-        print(f"{r['mode']:<36}{r['workload']:<10}{r['clients']:>8}{r['qps']:>8.0f}{r['p50_ms']:>9.1f}"
-              f"{r['p99_ms']:>9.1f}{calls:>7}{r['errors']:>7}")
+        split = "->".join("/".join(map(str, s)) for s in r["split"]) if len(r["split"][0]) > 1 else "-"
+        print(f"{r['mode']:<36}{r['client']:<13}{r['workload']:<10}{r['clients']:>8}{split:>14}{r['qps']:>7.0f}"
+              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{calls:>7}{r['errors']:>7}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
