@@ -6,9 +6,9 @@ connection then stays on the process that accepted it, and one process queues re
 other could answer. Here each worker publishes its open connections in a slot of a small file the
 supervisor creates (``CONNECTION_BOARD_VARIABLE`` names it). A worker holding more than its even
 share plus one answers a request with ``Connection: close``; the client's reconnect is accepted by
-whichever process reaches the socket first, mostly the one with less to do. At most one connection
-is let go every ``SHED_INTERVAL`` seconds per worker, so a reconnect that lands back where it was
-cannot make connections churn.
+whichever process reaches the socket first. A reconnect may land back where it was and be let go
+again, so a worker lets at most one connection go every ``SHED_INTERVAL`` seconds: that bounds the
+churn while connections settle.
 """
 
 from __future__ import annotations
