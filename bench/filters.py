@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.*, index.* when run as a script
 
 from bench.realistic import exact_top, realistic  # noqa: E402
+from bench.search_realistic import recall_at_10  # noqa: E402
 from index.vectors import IndexParams, VectorIndex, allowed_selector  # noqa: E402
 
 
@@ -37,8 +38,7 @@ def measure(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, tru
         start = time.perf_counter()
         found.append(search(q[None])[0])
         times.append(time.perf_counter() - start)
-    hits = np.mean([len(set(f[:10].tolist()) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)])
-    return float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 99)) * 1e3, float(hits)
+    return float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 99)) * 1e3, recall_at_10(found, truth)
 
 
 def paths(index: VectorIndex, allowed: np.ndarray) -> list[tuple[str, Callable[[np.ndarray], np.ndarray]]]:
