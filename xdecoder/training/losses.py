@@ -36,6 +36,10 @@ class LossWeights:
     # Down-weights the ~95 unmatched queries' "no object" targets; a higher value drives them to no object
     # sooner, which matters for semantic inference (it sums class x mask over every query).
     no_object: float = 0.1
+    # Not in the official criterion, which starts from a pre-trained text encoder whose class names are
+    # already apart. Trained from nothing, the names of classes that look alike to a young backbone
+    # collapse onto one embedding, and then neither side gets a gradient to tell them apart.
+    names: float = 0.0
 
 
 def point_logits(masks: Tensor, points: Tensor) -> Tensor:
@@ -93,6 +97,15 @@ def segmentation_loss(logits: Tensor, masks: Tensor, labels: Tensor, gt_masks: T
     loss_cls = F.cross_entropy(logits[:q], target_classes[:q], weight=class_weight)
     bce, dice = mask_losses(pred_points[rows], gt_points[cols])
     return {"cls": weights.cls * loss_cls, "mask": weights.mask * bce, "dice": weights.dice * dice}
+
+
+def name_separation_loss(first: Tensor, second: Tensor, logit_scale: Tensor, weights: LossWeights) -> Tensor:
+    """Each class name under one template [K, D] must be nearest the same name under another [K, D]
+    (symmetric InfoNCE over the names): keeps class-name embeddings apart while the image side learns."""
+    a, b = F.normalize(first, dim=-1), F.normalize(second, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * a @ b.t()
+    target = torch.arange(a.shape[0], device=a.device)
+    return weights.names * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 def grounding_loss(embeddings: Tensor, masks: Tensor, phrase_embeddings: Tensor, gt_masks: Tensor,

@@ -30,6 +30,7 @@ from xdecoder.training.losses import (
     LossWeights,
     caption_loss,
     grounding_loss,
+    name_separation_loss,
     retrieval_loss,
     segmentation_loss,
 )
@@ -113,6 +114,10 @@ class Trainer:
         head = decoder(pix.multi_scale_features, pix.mask_features, class_emb)
         assert not isinstance(head, list) and head.logits is not None
         totals: dict[str, Tensor] = {}
+        if cfg.weights.names:
+            others = [TEMPLATES[rng.randrange(len(TEMPLATES))].format(n) for n in [*self.class_names, "background"]]
+            totals["names"] = name_separation_loss(class_emb, self._texts(others)[1], model.language.logit_scale,
+                                                   cfg.weights)
 
         def add(parts: dict[str, Tensor]) -> None:
             for key, value in parts.items():

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        help="class-loss weight of 'no object' for unmatched queries (official: 0.1)")
     train.add_argument("--near-misses", type=int, default=0,
                        help="synthetic: negative captions per image, each wrong in one detail, for retrieval")
+    train.add_argument("--name-separation", type=float, default=0.0,
+                       help="weight of a loss keeping class-name embeddings apart (not official; for a text "
+                            "encoder trained from nothing)")
     train.add_argument("--freeze-backbone", action="store_true")
     train.add_argument("--freeze-text", action="store_true")
     train.add_argument("--json", action="store_true", help="no progress bar")
@@ -187,7 +190,7 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text,
                       checkpoint_every=args.checkpoint_every, near_misses=args.near_misses,
-                      weights=LossWeights(no_object=args.no_object_weight))
+                      weights=LossWeights(no_object=args.no_object_weight, names=args.name_separation))
     trainer = Trainer(model, cfg)
     out = Path(args.out)
     resumed = trainer.resume(out)
