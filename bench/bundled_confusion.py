@@ -49,8 +49,8 @@ def main() -> None:
             for seg in scene.segments:
                 truth[scene.mask(seg.id)] = seg.category_id
             np.add.at(confusion, (truth.ravel(), label.ravel()), 1)
-        e = pred.class_embeddings(names)
-        cosine = (torch.nn.functional.normalize(e, dim=-1) @ torch.nn.functional.normalize(e, dim=-1).t()).numpy()
+        e = torch.nn.functional.normalize(pred.class_embeddings(names), dim=-1)
+        cosine = (e @ e.t()).numpy()
     width = max(map(len, names))
     print(f"pixels of each true class (rows) by predicted class (columns), {args.scenes} scenes of seed {args.seed}:")
     print(" " * width, *(f"{n:>9}" for n in names), "  recall")

@@ -64,6 +64,11 @@ def synthetic_batches(cfg: TrainConfig, size: tuple[int, int] = (160, 128)) -> C
                          for i in range(cfg.batch_size)]
 
 
+def random_prompts(names: Sequence[str], rng: random.Random) -> list[str]:
+    """Each name in one template drawn at random, as official training phrases class names."""
+    return [TEMPLATES[rng.randrange(len(TEMPLATES))].format(n) for n in names]
+
+
 def _pad_to(x: Tensor, multiple: int = 32) -> Tensor:
     return F.pad(x, (0, -x.shape[-1] % multiple, 0, -x.shape[-2] % multiple))
 
@@ -107,7 +112,7 @@ class Trainer:
         pix = model.sem_seg_head.pixel_decoder(feats)
         # One random template per class and step, as official training does.
         rng = random.Random(self.step)
-        prompts = [TEMPLATES[rng.randrange(len(TEMPLATES))].format(n) for n in [*self.class_names, "background"]]
+        prompts = random_prompts([*self.class_names, "background"], rng)
         _, class_emb, _ = self._texts(prompts)
         class_emb = F.normalize(class_emb, dim=-1)
         decoder = model.decoder
@@ -115,7 +120,7 @@ class Trainer:
         assert not isinstance(head, list) and head.logits is not None
         totals: dict[str, Tensor] = {}
         if cfg.weights.names:
-            others = [TEMPLATES[rng.randrange(len(TEMPLATES))].format(n) for n in [*self.class_names, "background"]]
+            others = random_prompts([*self.class_names, "background"], rng)
             totals["names"] = name_separation_loss(class_emb, self._texts(others)[1], model.language.logit_scale,
                                                    cfg.weights)
 
