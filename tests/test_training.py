@@ -75,7 +75,7 @@ def test_train_and_eval_commands(tmp_path: Path) -> None:
     metrics = cli("eval", "--checkpoint", str(tmp_path / "ckpt" / "model.safetensors"), "--scenes", "2", "--json",
                   *size)
     summary = {k for k in metrics if "/" not in k}
-    assert summary == {"miou", "pq", "referring_iou", "r_at_1", "caption_exact", "bleu4"}
+    assert summary == {"miou", "pq", "referring_iou", "r_at_1", "r_at_1_caption", "caption_exact", "bleu4"}
     assert {k.split("/")[0] for k in metrics if "/" in k} == {"iou"}  # per-class IoU of the classes present
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     # Same seed, same run, in another process: initial weights included (what make train-demo relies on).

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        help="class-loss weight of 'no object' for unmatched queries (official: 0.1)")
     train.add_argument("--near-misses", type=int, default=0,
                        help="synthetic: negative captions per image, each wrong in one detail, for retrieval")
+    train.add_argument("--retrieval-weight", type=float, default=2.0,
+                       help="weight of the image-caption contrastive loss (official: 2)")
     train.add_argument("--name-separation", type=float, default=0.0,
                        help="weight of a loss keeping class-name embeddings apart (not official; for a text "
                             "encoder trained from nothing)")
@@ -190,7 +192,8 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text,
                       checkpoint_every=args.checkpoint_every, near_misses=args.near_misses,
-                      weights=LossWeights(no_object=args.no_object_weight, names=args.name_separation))
+                      weights=LossWeights(no_object=args.no_object_weight, names=args.name_separation,
+                                          retrieval=args.retrieval_weight))
     trainer = Trainer(model, cfg)
     out = Path(args.out)
     resumed = trainer.resume(out)
