@@ -41,7 +41,9 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path: Path) -> None
 
 
 def test_metrics_are_right_on_known_answers() -> None:
-    from xdecoder.training.evaluate import bleu4, panoptic_quality
+    import numpy as np
+
+    from xdecoder.training.evaluate import bleu4, panoptic_quality, recall_at_1
     from xdecoder.training.synthetic import make_scene
 
     assert bleu4(["a red circle on grass"], ["a red circle on grass"]) == 1.0
@@ -51,6 +53,10 @@ def test_metrics_are_right_on_known_answers() -> None:
     stats: dict[int, list[float]] = {}
     panoptic_quality(scene.segment_map, {s.id: s.category_id for s in scene.segments}, scene, stats)
     assert all(s[0] == s[1] and s[2] == s[3] == 0 for s in stats.values())  # perfect: PQ 1 for every class
+    # Captions 0 and 1 are the same text: both queries pick image 0, so query 1 misses its own image but
+    # finds one it describes; query 2 picks image 1, a wrong description.
+    scores = np.array([[0.9, 0.9, 0.1], [0.1, 0.1, 0.8], [0.0, 0.0, 0.2]])
+    assert recall_at_1(scores, ["a red circle", "a red circle", "a blue square"]) == (1 / 3, 2 / 3)
 
 
 def test_train_and_eval_commands(tmp_path: Path) -> None:

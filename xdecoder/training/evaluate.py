@@ -55,6 +55,16 @@ def panoptic_quality(pred_map: np.ndarray, pred_classes: dict[int, int], scene: 
             stats.setdefault(cls, [0.0, 0, 0, 0])[2] += 1
 
 
+def recall_at_1(scores: np.ndarray, captions: Sequence[str]) -> tuple[float, float]:
+    """Text -> image R@1 from scores [images, captions] (caption i describes image i): the share of captions
+    whose own image ranks first, and the share whose first image has that very caption. Synthetic scenes
+    repeat captions ("a red circle on sand"), and no text can rank one of those scenes above another."""
+    best = scores.argmax(0)
+    own = float(np.mean(best == np.arange(len(captions))))
+    same = float(np.mean([captions[b] == c for b, c in zip(best, captions, strict=True)]))
+    return own, same
+
+
 def evaluate(predictor: Predictor, scenes: Sequence[Scene], class_names: Sequence[str] = CLASSES,
              stuff: Sequence[str] = STUFF) -> dict[str, float]:
     """Held-out metrics; ``iou/<class>`` per class present. Segment category ids index ``class_names``."""
@@ -87,15 +97,13 @@ def evaluate(predictor: Predictor, scenes: Sequence[Scene], class_names: Sequenc
     pq_per_class = [s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]) for s in pq_stats.values() if s[1] + s[2] + s[3]]
     texts = predictor.text_query_embeddings([s.caption for s in scenes])
     references = [normalize_caption(s.caption) for s in scenes]
-    ranks = (np.stack(image_vectors) @ texts.T).argmax(0)  # best image per caption
+    r_at_1, r_at_1_caption = recall_at_1(np.stack(image_vectors) @ texts.T, [s.caption for s in scenes])
     return {
         "miou": float((inter[present] / union[present]).mean()),
         "pq": float(np.mean(pq_per_class)) if pq_per_class else 0.0,
         "referring_iou": float(np.mean(ref_ious)) if ref_ious else 0.0,
-        "r_at_1": float(np.mean(ranks == np.arange(len(scenes)))),
-        # Synthetic scenes repeat captions ("a red circle on sand"), and no text can rank one of those
-        # scenes above another: this counts a top image whose own caption is the query as found.
-        "r_at_1_caption": float(np.mean([scenes[r].caption == s.caption for r, s in zip(ranks, scenes, strict=True)])),
+        "r_at_1": r_at_1,
+        "r_at_1_caption": r_at_1_caption,
         "caption_exact": float(np.mean([c == r for c, r in zip(captions, references, strict=True)])),
         "bleu4": bleu4(captions, references),
         **{f"iou/{names[c]}": float(inter[c] / union[c]) for c in np.flatnonzero(present)},
