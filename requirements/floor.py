@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -91,8 +92,14 @@ def build_venv(pins: dict[str, str]) -> None:
     python = str(VENV / "bin/python")
     req_file = VENV / "floor-requirements.txt"
     req_file.write_text("\n".join(lines) + "\n")
-    subprocess.run([_uv(), "pip", "install", "--quiet", "--python", python, "--find-links", FIND_LINKS,
-                    "-r", str(req_file)], check=True)
+    install = [_uv(), "pip", "install", "--quiet", "--python", python, "--find-links", FIND_LINKS, "-r", str(req_file)]
+    if subprocess.run(install).returncode != 0:
+        # The transitive pins are the index's newest: a release minutes old can be listed by the resolution's
+        # request and missing from the install's (the index's CDN catches up within minutes), so one retry
+        # after a pause, with uv's cached index pages revalidated.
+        print("floor install failed; retrying in 90 s with the index refreshed", file=sys.stderr)
+        time.sleep(90)
+        subprocess.run([*install, "--refresh"], check=True)
     subprocess.run([_uv(), "pip", "install", "--quiet", "--python", python, "--no-deps", "-e", str(ROOT)],
                    check=True)
     stamp.write_text(key)
