@@ -95,8 +95,8 @@ def build_venv(pins: dict[str, str]) -> None:
     install = [_uv(), "pip", "install", "--quiet", "--python", python, "--find-links", FIND_LINKS, "-r", str(req_file)]
     if subprocess.run(install).returncode != 0:
         # The transitive pins are the index's newest: a release minutes old can be listed by the resolution's
-        # request and missing from the install's (the index's CDN catches up within minutes), so one retry
-        # after a pause, with uv's cached index pages revalidated.
+        # request and missing from the install's (typer 0.29.3 was, twice; a stale cached index page or the
+        # index's CDN), so one retry after a pause, with uv's cached index pages revalidated.
         print("floor install failed; retrying in 90 s with the index refreshed", file=sys.stderr)
         time.sleep(90)
         subprocess.run([*install, "--refresh"], check=True)
