@@ -69,4 +69,3 @@ def test_text_search_with_the_bundled_model_finds_the_described_scene(tmp_path) 
     print(f"\nbundled model: {found}/12 captions find their own scene first")
     assert found >= 9
     services.engine.dispose()
-

@@ -95,9 +95,9 @@ def evaluate(predictor: Predictor, scenes: Sequence[Scene], class_names: Sequenc
         image_vectors.append(predictor.image_embeddings(features)[0])
     present = union > 0
     pq_per_class = [s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3]) for s in pq_stats.values() if s[1] + s[2] + s[3]]
-    texts = predictor.text_query_embeddings([s.caption for s in scenes])
-    references = [normalize_caption(s.caption) for s in scenes]
-    r_at_1, r_at_1_caption = recall_at_1(np.stack(image_vectors) @ texts.T, [s.caption for s in scenes])
+    queries = [s.caption for s in scenes]
+    references = [normalize_caption(q) for q in queries]
+    r_at_1, r_at_1_caption = recall_at_1(np.stack(image_vectors) @ predictor.text_query_embeddings(queries).T, queries)
     return {
         "miou": float((inter[present] / union[present]).mean()),
         "pq": float(np.mean(pq_per_class)) if pq_per_class else 0.0,

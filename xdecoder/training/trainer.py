@@ -112,15 +112,15 @@ class Trainer:
         pix = model.sem_seg_head.pixel_decoder(feats)
         # One random template per class and step, as official training does.
         rng = random.Random(self.step)
-        prompts = random_prompts([*self.class_names, "background"], rng)
-        _, class_emb, _ = self._texts(prompts)
+        vocabulary = [*self.class_names, "background"]
+        _, class_emb, _ = self._texts(random_prompts(vocabulary, rng))
         class_emb = F.normalize(class_emb, dim=-1)
         decoder = model.decoder
         head = decoder(pix.multi_scale_features, pix.mask_features, class_emb)
         assert not isinstance(head, list) and head.logits is not None
         totals: dict[str, Tensor] = {}
         if cfg.weights.names:
-            others = random_prompts([*self.class_names, "background"], rng)
+            others = random_prompts(vocabulary, rng)
             totals["names"] = name_separation_loss(class_emb, self._texts(others)[1], model.language.logit_scale,
                                                    cfg.weights)
 
