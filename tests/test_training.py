@@ -160,3 +160,28 @@ def test_name_separation_pulls_collapsed_class_names_apart() -> None:
         assert "names" in trainer.losses(batch)
         plain = Trainer(build_model("parity"), TrainConfig(steps=1, batch_size=1, num_points=64))
         assert "names" not in plain.losses(batch)
+
+
+def test_size_jitter_draws_padded_and_portrait_batches_and_replays() -> None:
+    """300 training steps with widths 128-240 and a 0.2 portrait chance: every batch shares one size in
+    range, widths that need padding to a multiple of 32 and ones that do not both occur, the portrait
+    share is binomial-plausible (300 draws: 0.12-0.28), and a step replays to the same scenes. Without
+    jitter the batches are the generator's scenes at the given size."""
+    from xdecoder.training.synthetic import make_scene
+
+    cfg = TrainConfig(batch_size=2, seed=9, min_width=128, portrait=0.2)
+    batches = synthetic_batches(cfg, (240, 128))
+    shapes = []
+    for step in range(300):
+        sizes = {s.image.shape[:2] for s in batches(step)}
+        assert len(sizes) == 1
+        (h, w), = sizes
+        assert min(h, w) == 128 and 128 <= max(h, w) <= 240
+        shapes.append((h, w))
+    longs = [max(s) for s in shapes]
+    assert any(n % 32 for n in longs) and any(n % 32 == 0 for n in longs)
+    assert 0.12 <= np.mean([h > w for h, w in shapes]) <= 0.28
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(batches(17), batches(17), strict=True))
+    fixed = synthetic_batches(TrainConfig(batch_size=2, seed=9), (240, 128))(5)
+    assert all(np.array_equal(s.image, make_scene(9 * 10_000_019 + 10 + i, (240, 128)).image)
+               for i, s in enumerate(fixed))

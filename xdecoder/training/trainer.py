@@ -52,6 +52,10 @@ class TrainConfig:
     freeze_text: bool = False
     checkpoint_every: int = 100
     near_misses: int = 0  # extra negative captions per image for the retrieval loss (synthetic scenes only)
+    # Synthetic: each step's width drawn from [min_width, width] (0: fixed) and, with this chance, the
+    # scene turned portrait, so that inputs padded to a multiple of 32 (photos of any aspect) are seen.
+    min_width: int = 0
+    portrait: float = 0.0
     weights: LossWeights = field(default_factory=LossWeights)
 
 
@@ -60,8 +64,13 @@ Batch = list[Scene]
 
 def synthetic_batches(cfg: TrainConfig, size: tuple[int, int] = (160, 128)) -> Callable[[int], Batch]:
     """Batch of step s: scenes seeded by (cfg.seed, s, i), so any step can be replayed."""
-    return lambda step: [make_scene(cfg.seed * 10_000_019 + step * cfg.batch_size + i, size)
-                         for i in range(cfg.batch_size)]
+    def batch(step: int) -> Batch:
+        rng = random.Random(cfg.seed * 10_000_019 + step)
+        width, height = (rng.randint(cfg.min_width, size[0]), size[1]) if cfg.min_width else size
+        shape = (height, width) if rng.random() < cfg.portrait else (width, height)
+        return [make_scene(cfg.seed * 10_000_019 + step * cfg.batch_size + i, shape) for i in range(cfg.batch_size)]
+
+    return batch
 
 
 def random_prompts(names: Sequence[str], rng: random.Random) -> list[str]:

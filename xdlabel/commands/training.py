@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--width", type=int, default=160)
     train.add_argument("--height", type=int, default=128)
+    train.add_argument("--min-width", type=int, default=0,
+                       help="synthetic: draw each step's width from MIN to --width, so that training sees "
+                            "images padded to a multiple of 32, as photos of other aspects are at inference")
+    train.add_argument("--portrait", type=float, default=0.0,
+                       help="synthetic: chance that a step's scenes are portrait (width and height swapped)")
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--no-object-weight", type=float, default=0.1,
                        help="class-loss weight of 'no object' for unmatched queries (official: 0.1)")
@@ -192,6 +197,7 @@ def train_command(args: argparse.Namespace) -> int:
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       freeze_backbone=args.freeze_backbone, freeze_text=args.freeze_text,
                       checkpoint_every=args.checkpoint_every, near_misses=args.near_misses,
+                      min_width=args.min_width, portrait=args.portrait,
                       weights=LossWeights(no_object=args.no_object_weight, names=args.name_separation,
                                           retrieval=args.retrieval_weight))
     trainer = Trainer(model, cfg)
