@@ -4,9 +4,9 @@ any image). Defaults: the bundled model, 30 scenes of the validation seed (777) 
 
     python bench/bundled_confusion.py [--checkpoint PATH] [--scenes 30] [--seed 777]
 
-Any checkpoint of the parity configuration, e.g. the 192x128 third stage kept in git history:
-    git show 526ff13:xdlabel/models/shapes.safetensors > /tmp/stage3.safetensors
-    python bench/bundled_confusion.py --checkpoint /tmp/stage3.safetensors --width 192 --height 128
+Any checkpoint of the parity configuration, e.g. the 96x64 second stage bundled before, kept in git history:
+    git show afda387:xdlabel/models/shapes.safetensors > /tmp/stage2.safetensors
+    python bench/bundled_confusion.py --checkpoint /tmp/stage2.safetensors --width 96 --height 64
 """
 
 from __future__ import annotations
