@@ -97,8 +97,16 @@ def detect(predictor: Predictor, features: Features, config: VideoConfig, mode: 
     if not phrases:
         return out
     for k, grounded in enumerate(predictor.ground(features, [p for _, _, p in phrases])):
+        # Grounding always picks some query, so a label absent from the frame lands on another label's
+        # object; a query is one object, and its label is the one whose phrase matches it best.
+        claims: dict[int, tuple[float, str]] = {}
+        for (label, _, _), g in zip(phrases, grounded, strict=True):
+            if g.query not in claims or g.score > claims[g.query][0]:
+                claims[g.query] = (g.score, label)
         best: dict[str, Detection] = {}  # a label's best prompt
         for (label, threshold, _), g in zip(phrases, grounded, strict=True):
+            if claims[g.query][1] != label:
+                continue
             box = mask_to_box(g.mask)
             if box is None or g.mask.sum() < min_area:
                 continue
