@@ -1,6 +1,6 @@
 """Does a model ground a shape in photos whose resized width needs padding? The ML backend tests' flat
 640x480 scene (a red ball, a blue square that hides part of it for some seeds, grass under sky), drawn at
-sizes that do (640x480 -> 171x128, padded to 192) and do not (576x384, 960x480) need padding at a short
+sizes that do (640x480 -> 170x128, padded to 192) and do not (576x384, 960x480) need padding at a short
 side of 128; 'the red circle' is grounded and its IoU with the ball printed per size, over twelve seeds.
 
     python bench/padded_photos.py [--checkpoint PATH ...] [--short-side 128] [--seeds 12]

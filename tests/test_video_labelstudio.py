@@ -66,7 +66,7 @@ def prelabelled(video_project, label_studio: LocalLabelStudio, tmp_path_factory:
     """`xdlabel prelabel` run once as a process on the video project; its JSON report."""
     client, project_id, _, _ = video_project
     env = {**os.environ, "XDLABEL_DATA_DIR": str(tmp_path_factory.mktemp("data")), "XDLABEL_LS_URL": label_studio.url,
-           "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_SHORT_SIDE": "64", "XDLABEL_CAPTION_STEPS": "2",
+           "XDLABEL_LS_TOKEN": label_studio.token, "XDLABEL_CAPTION_STEPS": "2",
            "XDLABEL_LS_SCORE_THRESHOLD": "0.5", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "xdlabel.cli", "prelabel", "--project", str(project_id),
                            "--task", "ground", "--video-fps", "2", "--json"], env=env, capture_output=True,
