@@ -22,7 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.test_mlbackend_interactive import _scene_image  # noqa: E402
+from tests.test_mlbackend_interactive import _scene_image, ball_iou  # noqa: E402
 from xdecoder import Predictor, build_model, load_checkpoint  # noqa: E402
 from xdecoder.predictor import PredictorSettings  # noqa: E402
 from xdecoder.transforms import resized_shape  # noqa: E402
@@ -50,10 +50,8 @@ def main() -> None:
                     path = Path(folder) / f"{seed}-{width}x{height}.png"
                     _scene_image(path, seed, width, height)
                     image = Image.open(path).convert("RGB")
-                    pixels = np.asarray(image).astype(int)
-                    ball = (pixels[..., 0] > 200) & (pixels[..., 1] < 80)
                     mask = predictor.ground(predictor.encode(image), ["the red circle"])[0][0].mask
-                    ious.append(float((mask & ball).sum() / (mask | ball).sum()))
+                    ious.append(ball_iou(mask, path))
                 h, w = resized_shape(height, width, args.short_side, None)
                 print(f"{Path(checkpoint).name[-40:]:<40} {width}x{height:<4} {w}x{h:<4} "
                       f"{-(-w // 32) * 32}x{-(-h // 32) * 32:<5} {min(ious):5.2f} {np.mean(ious):5.2f}  "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from index.db import upgrade
@@ -78,7 +77,7 @@ def test_the_bundled_model_grounds_a_flat_ball_in_photos_that_need_padding(tmp_p
     sees padding, as it does for photos of most aspects. 'the red circle' must cover the ball on each."""
     from PIL import Image
 
-    from tests.test_mlbackend_interactive import _scene_image
+    from tests.test_mlbackend_interactive import _scene_image, ball_iou
     from xdecoder.transforms import resized_shape
 
     meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
@@ -88,11 +87,9 @@ def test_the_bundled_model_grounds_a_flat_ball_in_photos_that_need_padding(tmp_p
     assert resized_shape(480, 640, meta["short_side"], None)[1] % 32  # the model sees padding
     ious = []
     for seed in range(12):
-        _scene_image(tmp_path / f"{seed}.png", seed)
-        image = Image.open(tmp_path / f"{seed}.png").convert("RGB")
-        pixels = np.asarray(image).astype(int)
-        ball = (pixels[..., 0] > 200) & (pixels[..., 1] < 80)
-        mask = predictor.ground(predictor.encode(image), ["the red circle"])[0][0].mask
-        ious.append((mask & ball).sum() / (mask | ball).sum())
+        path = tmp_path / f"{seed}.png"
+        _scene_image(path, seed)
+        mask = predictor.ground(predictor.encode(Image.open(path).convert("RGB")), ["the red circle"])[0][0].mask
+        ious.append(ball_iou(mask, path))
     print("\n'the red circle' IoU on 12 padded 640x480 scenes:", " ".join(f"{v:.2f}" for v in ious))
     assert min(ious) > 0.8

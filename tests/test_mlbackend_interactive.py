@@ -274,13 +274,18 @@ def _project(client: LabelStudioClient, label_studio: LocalLabelStudio, title: s
 PHRASE = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["the red circle"]}}
 
 
-def red_iou(result: dict[str, Any], image: Path) -> float:
-    """IoU of a result's mask with the scene's red ball."""
+def ball_iou(mask: np.ndarray, image: Path) -> float:
+    """IoU of a mask with the red ball of a `_scene_image`."""
     pixels = np.asarray(Image.open(image).convert("RGB")).astype(int)
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 80)
+    return float((mask & red).sum() / max((mask | red).sum(), 1))
+
+
+def red_iou(result: dict[str, Any], image: Path) -> float:
+    """IoU of a result's mask with the scene's red ball."""
     mask = result_to_mask(result)
     assert mask is not None
-    return float((mask & red).sum() / max((mask | red).sum(), 1))
+    return ball_iou(mask, image)
 
 
 def _clicks(points: list[tuple[float, float, bool]]) -> list[dict[str, Any]]:

@@ -64,11 +64,13 @@ Batch = list[Scene]
 
 def synthetic_batches(cfg: TrainConfig, size: tuple[int, int] = (160, 128)) -> Callable[[int], Batch]:
     """Batch of step s: scenes seeded by (cfg.seed, s, i), so any step can be replayed."""
+    base = cfg.seed * 10_000_019
+
     def batch(step: int) -> Batch:
-        rng = random.Random(cfg.seed * 10_000_019 + step)
+        rng = random.Random(base + step)
         width, height = (rng.randint(cfg.min_width, size[0]), size[1]) if cfg.min_width else size
         shape = (height, width) if rng.random() < cfg.portrait else (width, height)
-        return [make_scene(cfg.seed * 10_000_019 + step * cfg.batch_size + i, shape) for i in range(cfg.batch_size)]
+        return [make_scene(base + step * cfg.batch_size + i, shape) for i in range(cfg.batch_size)]
 
     return batch
 
