@@ -207,6 +207,32 @@ def test_retrieval_embeddings_score_like_the_official_ensemble(predictor: Predic
     np.testing.assert_allclose(image @ predictor.text_query_embeddings(texts).T, expected[None], atol=1e-6)
 
 
+def test_the_decoder_weight_moves_the_score_between_the_two_cosines(parity_model: XDecoder,
+                                                                     photo: Image.Image) -> None:
+    """12 seeded weights in [0, 1] (the ends included), 3 texts each: a query scores
+    w*cos(decoder) + (1-w)*cos(backbone) against the stored vectors, which do not depend on w."""
+    rng = np.random.default_rng(7)
+    texts = ["a car", "a dog on grass", "two people"]
+    stored = None
+    for w in [0.0, 1.0, *rng.uniform(0, 1, 10)]:
+        predictor = Predictor(parity_model, device="cpu",
+                              settings=PredictorSettings(short_side=160, retrieval_decoder_weight=float(w)))
+        features = predictor.encode(photo)
+        image = predictor.image_embeddings(features)
+        stored = image if stored is None else stored
+        np.testing.assert_array_equal(image, stored)
+        t = predictor.text_embeddings(texts)
+        a = features.images[0].embeddings[-1].numpy()
+        with torch.inference_mode():
+            b = predictor.model.backbone_embedding(features.images[0].res5)[0].numpy()
+        expected = w * (t @ a / np.linalg.norm(a)) + (1 - w) * (t @ b / np.linalg.norm(b))
+        np.testing.assert_allclose(image @ predictor.text_query_embeddings(texts).T, expected[None], atol=1e-6)
+    for bad in (-0.1, 1.5, float("nan")):
+        predictor = Predictor(parity_model, device="cpu", settings=PredictorSettings(retrieval_decoder_weight=bad))
+        with pytest.raises(ValueError, match="retrieval_decoder_weight"):
+            predictor.text_query_embeddings(["a car"])
+
+
 def test_autocast_path_runs_and_stays_close(parity_model: XDecoder, other: Image.Image) -> None:
     """The CUDA fp16/bf16 path, exercised on the CPU in bfloat16 (no GPU here)."""
     exact = Predictor(parity_model, device="cpu", settings=PredictorSettings(short_side=128))

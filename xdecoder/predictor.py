@@ -180,9 +180,13 @@ class Predictor:
         return (e / (e.norm(dim=-1, keepdim=True) + 1e-7)).cpu().numpy()
 
     def text_query_embeddings(self, texts: Sequence[str]) -> np.ndarray:
-        """[N, 2D] queries for ``image_embeddings``: their dot product is the official retrieval score."""
+        """[N, 2D] queries for ``image_embeddings``: their dot product is the retrieval score
+        w*cos(decoder, text) + (1-w)*cos(backbone, text), w = ``retrieval_decoder_weight`` (0.5: official)."""
+        w = self.settings.retrieval_decoder_weight
+        if not 0.0 <= w <= 1.0:
+            raise ValueError(f"retrieval_decoder_weight must be in [0, 1], got {w}")
         t = self.text_embeddings(texts)
-        return np.concatenate([t, t], axis=1) / math.sqrt(2.0)
+        return np.concatenate([2 * w * t, 2 * (1 - w) * t], axis=1) / math.sqrt(2.0)
 
     # -- segmentation ------------------------------------------------------------------------
 
@@ -368,8 +372,8 @@ class Predictor:
     def image_embeddings(self, features: Features) -> np.ndarray:
         """[B, 2D] unit vectors: (decoder embedding, backbone embedding) each normalized, / sqrt 2.
 
-        Their dot product with ``text_query_embeddings`` is the official retrieval score
-        0.5*cos(decoder, text) + 0.5*cos(backbone, text); with each other, image similarity.
+        Their dot product with ``text_query_embeddings`` is the retrieval score (officially
+        0.5*cos(decoder, text) + 0.5*cos(backbone, text)); with each other, image similarity.
         """
         rows = []
         with self._context():

@@ -31,6 +31,10 @@ class PredictorSettings:
     region_nms_iou: float = 0.8
     max_regions: int = 20
     caption_steps: int | None = None  # None: the model config's (50 for released models)
+    # Text -> image score = w * cos(decoder embedding, text) + (1 - w) * cos(backbone embedding, text).
+    # 0.5 is the official score; a model trained otherwise may rank better at another w (the bundled
+    # model records the one chosen on its validation draws). Only queries depend on it, not stored vectors.
+    retrieval_decoder_weight: float = 0.5
     class_cache_size: int = 10_000  # class-name embeddings kept (least recently used dropped first)
 
 

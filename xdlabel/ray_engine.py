@@ -33,14 +33,11 @@ class InferActor:
                  source_roots: Sequence[Path] | None = None, forbidden: Sequence[Path] = (),
                  outputs: frozenset[str] = ALL_OUTPUTS) -> None:
         from xdecoder import Predictor, build_model, load_checkpoint
-        from xdecoder.predictor import PredictorSettings
 
         self.settings = Settings.model_validate_json(settings_json)
         model = build_model(self.settings.model)
         load_checkpoint(model, self.settings.checkpoint)
-        options = PredictorSettings(short_side=self.settings.image_short_side,
-                                    caption_steps=self.settings.image_caption_steps)
-        self.predictor = Predictor(model, device=self.settings.device, settings=options)
+        self.predictor = Predictor(model, device=self.settings.device, settings=self.settings.predictor_settings())
         self.known, self.retry_keys = known, retry_keys
         self.source_roots, self.forbidden, self.outputs = source_roots, forbidden, outputs
 

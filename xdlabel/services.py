@@ -22,7 +22,6 @@ from xdlabel.textqueries import TextQueries
 
 if TYPE_CHECKING:
     from xdecoder import Predictor
-    from xdecoder.predictor import PredictorSettings
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,7 @@ class Services:
 
             model = build_model(self.settings.model)
             self.checkpoint = load_checkpoint(model, self.settings.checkpoint)
-            predictor = Predictor(model, device=self.settings.device, settings=self._predictor_settings())
+            predictor = Predictor(model, device=self.settings.device, settings=self.settings.predictor_settings())
             predictor.version = version_name(self.settings.model, self.checkpoint.sha256, predictor.preprocessing())
             self.__dict__["predictor"] = predictor  # published before the lock is released
             return predictor
@@ -87,13 +86,7 @@ class Services:
         from xdecoder.predictor import compute_dtype, preprocessing
 
         return version_name(self.settings.model, file_sha256(resolve(self.settings.checkpoint)),
-                            preprocessing(self._predictor_settings(), compute_dtype(self.settings.device)))
-
-    def _predictor_settings(self) -> PredictorSettings:
-        from xdecoder.predictor import PredictorSettings
-
-        return PredictorSettings(short_side=self.settings.image_short_side,
-                                 caption_steps=self.settings.image_caption_steps)
+                            preprocessing(self.settings.predictor_settings(), compute_dtype(self.settings.device)))
 
     @cached_property
     def model(self) -> ModelInfo:

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     from annotator.client import LabelStudioClient
+    from xdecoder.preprocess import PredictorSettings
 
 REPO = Path(__file__).resolve().parents[1]
 # The bundled model: the reduced ("parity"-size) X-Decoder trained by `make train-demo` on the synthetic
@@ -38,6 +39,9 @@ class Settings(BaseSettings):
     short_side: int | None = None  # None: the bundled model's training size with it, else 512 (official demos)
     ingest_outputs: str = "embedding,regions,caption"  # what ingest stores per image (embedding always)
     caption_steps: int | None = None  # None: the bundled model's with it, else the model config's
+    # Text -> image score's weight on the decoder embedding. None: the bundled model's with it, else 0.5
+    # (the official score).
+    retrieval_decoder_weight: float | None = Field(default=None, ge=0, le=1)
     use_gpu_index: bool | None = None  # None: FAISS GPU when a GPU build sees a GPU
     search_recall: float = Field(default=0.95, gt=0, le=1)  # recall@10 target of searches (IVF calibrated)
     # RAM for one index's full vectors; past it (or past 5M vectors) the index is IVF-PQ with full vectors
@@ -118,6 +122,19 @@ class Settings(BaseSettings):
         if self.caption_steps or not self.uses_bundled_model:
             return self.caption_steps
         return int(bundled_meta()["caption_steps"])
+
+    @property
+    def image_retrieval_decoder_weight(self) -> float:
+        if self.retrieval_decoder_weight is not None:
+            return self.retrieval_decoder_weight
+        return float(bundled_meta().get("retrieval_decoder_weight", 0.5)) if self.uses_bundled_model else 0.5
+
+    def predictor_settings(self) -> PredictorSettings:
+        """How the configured model reads images and queries (the bundled model's own sizes by default)."""
+        from xdecoder.preprocess import PredictorSettings
+
+        return PredictorSettings(short_side=self.image_short_side, caption_steps=self.image_caption_steps,
+                                 retrieval_decoder_weight=self.image_retrieval_decoder_weight)
 
     @property
     def sqlalchemy_url(self) -> str:

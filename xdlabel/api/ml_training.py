@@ -25,13 +25,11 @@ WORKER = f"{socket.gethostname()}:{os.getpid()}:ml-server"
 
 def load_predictor(services: Services, checkpoint: str) -> Any:
     from xdecoder import Predictor, build_model, load_checkpoint
-    from xdecoder.predictor import PredictorSettings
 
     s = services.settings
     model = build_model(s.model)
     load_checkpoint(model, checkpoint)
-    return Predictor(model, device=s.device, settings=PredictorSettings(short_side=s.image_short_side,
-                                                                       caption_steps=s.image_caption_steps))
+    return Predictor(model, device=s.device, settings=s.predictor_settings())
 
 
 def train_here(services: Services, connections: Connections, job_id: int, project: int | None) -> str:

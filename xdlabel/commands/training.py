@@ -8,6 +8,7 @@ import json
 from xdlabel.commands.common import emit, settings_of
 from xdlabel.settings import labelstudio_client
 
+DECODER_WEIGHT_HELP = "text->image score's weight on the decoder embedding, the rest on the backbone's (official: 0.5)"
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train = sub.add_parser("train", help="train X-Decoder on synthetic scenes, or fine-tune it on a Label Studio "
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     evaluate.add_argument("--width", type=int, default=160)
     evaluate.add_argument("--height", type=int, default=128)
     evaluate.add_argument("--caption-steps", type=int, help="longest caption in tokens (default: the config's)")
+    evaluate.add_argument("--retrieval-decoder-weight", type=float, default=0.5, help=DECODER_WEIGHT_HELP)
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=evaluate_command)
 
@@ -76,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     bundle.add_argument("--height", type=int, default=64)
     bundle.add_argument("--scenes", type=int, default=100)
     bundle.add_argument("--caption-steps", type=int, default=24, help="longest caption, in tokens")
+    bundle.add_argument("--retrieval-decoder-weight", type=float, default=0.5,
+                        help=DECODER_WEIGHT_HELP + "; chosen on validation draws, recorded with the model")
     bundle.add_argument("--seed", type=int, default=12345, help="held out: training uses other seeds")
     bundle.add_argument("--json", action="store_true")
     bundle.set_defaults(func=model_bundle)
@@ -117,15 +121,17 @@ def model_bundle(args: argparse.Namespace) -> int:
         raise ValueError(f"{run} stopped at step {meta['step']} of {meta['train']['steps']}: finish the run first")
     model = build_model(meta["config"])
     load_checkpoint(model, run / "model.safetensors")
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=args.height,
-                                                                          caption_steps=args.caption_steps))
+    predictor = Predictor(model, device="cpu", settings=PredictorSettings(
+        short_side=args.height, caption_steps=args.caption_steps,
+        retrieval_decoder_weight=args.retrieval_decoder_weight))
     size = (args.width, args.height)
     metrics = evaluate(predictor, synthetic.make_scenes(args.scenes, seed=args.seed, size=size))
     BUNDLED_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "model.safetensors", BUNDLED_CHECKPOINT)
     info = {
         "config": meta["config"], "classes": meta["classes"], "stuff": list(synthetic.STUFF),
-        "short_side": args.height, "caption_steps": args.caption_steps, "train_size": list(size),
+        "short_side": args.height, "caption_steps": args.caption_steps,
+        "retrieval_decoder_weight": args.retrieval_decoder_weight, "train_size": list(size),
         "training": meta["train"],
         "training_data": {"generator": "xdecoder.training.synthetic", "seed": meta["train"]["seed"],
                           "generator_sha256": hashlib.sha256(Path(synthetic.__file__).read_bytes()).hexdigest(),
@@ -235,7 +241,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     model = build_model(args.config)
     load_checkpoint(model, args.checkpoint)
-    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height, caption_steps=args.caption_steps))
+    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height, caption_steps=args.caption_steps,
+                                                            retrieval_decoder_weight=args.retrieval_decoder_weight))
     metrics = evaluate(predictor, make_scenes(args.scenes, seed=args.seed, size=(args.width, args.height)))
     emit(dict(metrics), args.json)
     return 0
