@@ -57,7 +57,8 @@ lint: $(STAMP)
 # retrieval and a heavier no-object weight for the unmatched queries. Stage 3 moves to the demo
 # corpus's size and keeps the class names apart; stage 4 weighs retrieval up, with more near misses.
 # Stage 5 draws each step at another width, or portrait, so that inputs padded to a multiple of 32
-# (photos of other aspects) are in its training.
+# (photos of other aspects) are in its training. The bundle scores text -> image on the decoder embedding
+# alone, the weight chosen on validation draws (bench/retrieval_weight.py).
 train-demo: $(STAMP)
 	$(BIN)/xdlabel train --config parity --out runs/bundled --steps 4800 --batch-size 4 --lr 3e-4 \
 		--width 96 --height 64 --checkpoint-every 200
@@ -73,7 +74,7 @@ train-demo: $(STAMP)
 	$(BIN)/xdlabel train --config parity --init runs/bundled-stage4/model.safetensors --out runs/bundled-stage5 \
 		--steps 1600 --batch-size 4 --lr 1e-4 --seed 4 --width 240 --min-width 128 --portrait 0.2 --height 128 \
 		--checkpoint-every 200 --no-object-weight 0.4 --near-misses 8 --retrieval-weight 6 --name-separation 1
-	$(BIN)/xdlabel model bundle runs/bundled-stage5 --width 192 --height 128
+	$(BIN)/xdlabel model bundle runs/bundled-stage5 --width 192 --height 128 --retrieval-decoder-weight 1.0
 
 # The declared minimums of the direct dependencies, installed in .venv-floor and run (tokenizer, model parity).
 floor: $(STAMP)

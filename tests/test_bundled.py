@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from index.db import upgrade
 from xdecoder import Predictor, build_model, load_checkpoint
@@ -25,6 +26,7 @@ def test_the_bundled_model_is_the_default(tmp_path) -> None:  # type: ignore[no-
     predictor = services.predictor  # strict loading
     assert services.checkpoint.sha256 == meta["sha256"]
     assert predictor.settings.caption_steps == meta["caption_steps"]
+    assert predictor.settings.retrieval_decoder_weight == meta["retrieval_decoder_weight"]
     assert services.model_version_name == services.model.name
     assert services.model.name.startswith(f"{meta['config']}-{meta['sha256'][:12]}-")
     services.engine.dispose()
@@ -34,8 +36,9 @@ def test_the_bundled_models_heldout_metrics_reproduce() -> None:
     meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
     model = build_model(meta["config"])
     load_checkpoint(model, BUNDLED_CHECKPOINT)
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=meta["short_side"],
-                                                                          caption_steps=meta["caption_steps"]))
+    predictor = Predictor(model, device="cpu", settings=PredictorSettings(
+        short_side=meta["short_side"], caption_steps=meta["caption_steps"],
+        retrieval_decoder_weight=meta["retrieval_decoder_weight"]))
     held = meta["heldout"]
     scenes = make_scenes(held["scenes"], seed=held["seed"], size=tuple(meta["train_size"]))
     metrics = evaluate(predictor, scenes)
@@ -47,6 +50,19 @@ def test_the_bundled_models_heldout_metrics_reproduce() -> None:
     distinct = len({s.caption for s in scenes})
     assert distinct == 95
     assert metrics["r_at_1"] <= distinct / len(scenes) and metrics["r_at_1_caption"] >= metrics["r_at_1"]
+    # The targets, on the figures just computed.
+    targets = {"miou": 0.80, "pq": 0.60, "referring_iou": 0.60, "r_at_1": 0.80, "bleu4": 0.5}
+    assert {name: round(metrics[name], 3) for name in targets if metrics[name] < targets[name]} == {}
+
+
+def test_the_retrieval_weight_is_the_bundled_models_own_or_the_official_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+    assert Settings(data_dir=tmp_path).predictor_settings().retrieval_decoder_weight == meta["retrieval_decoder_weight"]
+    other = Settings(data_dir=tmp_path, checkpoint=str(tmp_path / "xdecoder_focalt_last.pt"))
+    assert other.predictor_settings().retrieval_decoder_weight == 0.5
+    assert Settings(data_dir=tmp_path, retrieval_decoder_weight=0.0).predictor_settings().retrieval_decoder_weight == 0
+    with pytest.raises(ValidationError, match="retrieval_decoder_weight"):
+        Settings(data_dir=tmp_path, retrieval_decoder_weight=1.5)
 
 
 def test_text_search_with_the_bundled_model_finds_the_described_scene(tmp_path) -> None:  # type: ignore[no-untyped-def]
