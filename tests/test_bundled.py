@@ -50,7 +50,7 @@ def test_the_bundled_models_heldout_metrics_reproduce() -> None:
     distinct = len({s.caption for s in scenes})
     assert distinct == 95
     assert metrics["r_at_1"] <= distinct / len(scenes) and metrics["r_at_1_caption"] >= metrics["r_at_1"]
-    # The targets, on the figures just computed.
+    # The targets the bundled model is held to (README table), on the figures just computed.
     targets = {"miou": 0.80, "pq": 0.60, "referring_iou": 0.60, "r_at_1": 0.80, "bleu4": 0.5}
     assert {name: round(metrics[name], 3) for name in targets if metrics[name] < targets[name]} == {}
 

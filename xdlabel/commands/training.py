@@ -10,6 +10,7 @@ from xdlabel.settings import labelstudio_client
 
 DECODER_WEIGHT_HELP = "text->image score's weight on the decoder embedding, the rest on the backbone's (official: 0.5)"
 
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train = sub.add_parser("train", help="train X-Decoder on synthetic scenes, or fine-tune it on a Label Studio "
                                          "project's annotations (resumable)")
