@@ -46,9 +46,9 @@ def main() -> None:
         model = build_model(meta["config"])
         load_checkpoint(model, checkpoint)
         encoded = {}
+        reader = Predictor(model, device="cpu", settings=settings)
         for seed in seeds:
             scenes = make_scenes(args.scenes, seed=seed, size=tuple(meta["train_size"]))
-            reader = Predictor(model, device="cpu", settings=settings)
             vectors = np.stack([reader.image_embeddings(reader.encode(s.image))[0] for s in scenes])
             encoded[seed] = (vectors, [s.caption for s in scenes])
         for w in WEIGHTS:

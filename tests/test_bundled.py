@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -32,13 +33,18 @@ def test_the_bundled_model_is_the_default(tmp_path) -> None:  # type: ignore[no-
     services.engine.dispose()
 
 
-def test_the_bundled_models_heldout_metrics_reproduce() -> None:
-    meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+def bundled_predictor(meta: dict[str, Any]) -> Predictor:
+    """The bundled model read as its JSON says (not through Settings, so the environment cannot move it)."""
     model = build_model(meta["config"])
     load_checkpoint(model, BUNDLED_CHECKPOINT)
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(
+    return Predictor(model, device="cpu", settings=PredictorSettings(
         short_side=meta["short_side"], caption_steps=meta["caption_steps"],
         retrieval_decoder_weight=meta["retrieval_decoder_weight"]))
+
+
+def test_the_bundled_models_heldout_metrics_reproduce() -> None:
+    meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
+    predictor = bundled_predictor(meta)
     held = meta["heldout"]
     scenes = make_scenes(held["scenes"], seed=held["seed"], size=tuple(meta["train_size"]))
     metrics = evaluate(predictor, scenes)
@@ -97,9 +103,7 @@ def test_the_bundled_model_grounds_a_flat_ball_in_photos_that_need_padding(tmp_p
     from xdecoder.transforms import resized_shape
 
     meta = json.loads(BUNDLED_CHECKPOINT.with_suffix(".json").read_text())
-    model = build_model(meta["config"])
-    load_checkpoint(model, BUNDLED_CHECKPOINT)
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(short_side=meta["short_side"]))
+    predictor = bundled_predictor(meta)
     assert resized_shape(480, 640, meta["short_side"], None)[1] % 32  # the model sees padding
     ious = []
     for seed in range(12):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from xdlabel.commands.common import emit, settings_of
 from xdlabel.settings import labelstudio_client
+
+if TYPE_CHECKING:
+    from xdecoder.preprocess import PredictorSettings
 
 DECODER_WEIGHT_HELP = "text->image score's weight on the decoder embedding, the rest on the backbone's (official: 0.5)"
 
@@ -112,7 +116,6 @@ def model_bundle(args: argparse.Namespace) -> int:
     import xdecoder.training.synthetic as synthetic
     from xdecoder import Predictor, build_model, load_checkpoint
     from xdecoder.checkpoint import file_sha256
-    from xdecoder.predictor import PredictorSettings
     from xdecoder.training.evaluate import evaluate
     from xdlabel.settings import BUNDLED_CHECKPOINT
 
@@ -122,9 +125,7 @@ def model_bundle(args: argparse.Namespace) -> int:
         raise ValueError(f"{run} stopped at step {meta['step']} of {meta['train']['steps']}: finish the run first")
     model = build_model(meta["config"])
     load_checkpoint(model, run / "model.safetensors")
-    predictor = Predictor(model, device="cpu", settings=PredictorSettings(
-        short_side=args.height, caption_steps=args.caption_steps,
-        retrieval_decoder_weight=args.retrieval_decoder_weight))
+    predictor = Predictor(model, device="cpu", settings=synthetic_reading(args))
     size = (args.width, args.height)
     metrics = evaluate(predictor, synthetic.make_scenes(args.scenes, seed=args.seed, size=size))
     BUNDLED_CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
@@ -234,16 +235,23 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def synthetic_reading(args: argparse.Namespace) -> PredictorSettings:
+    """How `eval` and `model bundle` read the synthetic scenes: at their height, with the given caption
+    length and retrieval weight."""
+    from xdecoder.predictor import PredictorSettings
+
+    return PredictorSettings(short_side=args.height, caption_steps=args.caption_steps,
+                             retrieval_decoder_weight=args.retrieval_decoder_weight)
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
     from xdecoder import Predictor, build_model, load_checkpoint
-    from xdecoder.predictor import PredictorSettings
     from xdecoder.training.evaluate import evaluate
     from xdecoder.training.synthetic import make_scenes
 
     model = build_model(args.config)
     load_checkpoint(model, args.checkpoint)
-    predictor = Predictor(model, settings=PredictorSettings(short_side=args.height, caption_steps=args.caption_steps,
-                                                            retrieval_decoder_weight=args.retrieval_decoder_weight))
+    predictor = Predictor(model, settings=synthetic_reading(args))
     metrics = evaluate(predictor, make_scenes(args.scenes, seed=args.seed, size=(args.width, args.height)))
     emit(dict(metrics), args.json)
     return 0
