@@ -1,9 +1,11 @@
 """Memory, recall and latency of each index kind on bench/realistic.py's set, and the 10M projection.
 
 Rows, same vectors and queries in one run: raw FAISS flat (exact, the baseline), xdlabel's IVF-Flat
-and its compressed IVF-PQ with exact re-ranking from memory-mapped full vectors (both at their
-defaults: recall target 0.95, nothing hand-set), and raw FAISS IVF-PQ + IndexRefineFlat at the very
-parameters xdlabel's calibration chose (the same search without the wrapper, full vectors in RAM).
+and its compressed IVF-PQ with exact re-ranking from memory-mapped full vectors (all at their
+defaults: recall target 0.95, nothing hand-set), the compressed index encoding in its learned
+rotation (OPQ, as shipped) and without it (plain PQ, the path before), and raw FAISS OPQ + IVF-PQ +
+IndexRefineFlat at the very parameters xdlabel's calibration chose (the same search without the
+wrapper, full vectors in RAM).
 RAM is bytes per vector of what stays resident (the FAISS index, id maps); disk is the full vectors
 a compressed index reads from its files. Latency: one query at a time; QPS: all queries in one batch.
 
@@ -50,36 +52,58 @@ def run(n: int, num_queries: int, dim: int = 1024) -> list[dict[str, Any]]:
         timed(lambda q: flat.search(q, 10)[1] + 1, queries, truth))
     flat.reset()
 
-    start = time.perf_counter()
-    ivf = VectorIndex.build(dim, ids, x, IndexParams())
-    ram = len(faiss.serialize_index(ivf.index)) / n + OWNERS
-    probed = f", nlist {ivf.index.nlist}, nprobe {ivf.nprobe()}" if ivf.kind == "ivf" else ""
-    add(f"xdlabel default ({ivf.kind}{probed})", time.perf_counter() - start, ram, 0,
-        timed(lambda q: ivf.search(q, 10)[1], queries, truth))
+    add(*_ivf_row(dim, ids, x, queries, truth))  # its 4 GiB at 1M freed before the copies below
 
+    for rotate in (True, False):  # OPQ as shipped, then plain PQ (the path before it)
+        for found in _compressed_rows(dim, ids, x, queries, truth, rotate):
+            add(*found)
+    return rows
+
+
+def _compressed_rows(dim: int, ids: np.ndarray, x: np.ndarray, queries: np.ndarray, truth: np.ndarray,
+                     rotate: bool) -> list[tuple[str, float, float, float, dict[str, Any]]]:
+    """xdlabel's compressed index at its defaults, with the learned rotation or without; with it,
+    also raw FAISS IndexRefineFlat over the very same trained IVF-PQ at the same parameters."""
+    n = len(ids)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "bench.faiss"
         start = time.perf_counter()
-        pq = VectorIndex.build(dim, ids, x, IndexParams(exact_max=0, compress_past=0), path=path)
+        pq = VectorIndex.build(dim, ids, x, IndexParams(exact_max=0, compress_past=0, rotate=rotate), path=path)
         pq.save(path)
         build = time.perf_counter() - start
-        assert pq.kind == "ivfpq" and pq.full is not None
-        # resident: codes and lists, the id map, and the full-vector lookup (sorted ids + positions)
-        ram = len(faiss.serialize_index(pq.index)) / n + OWNERS + 16
+        assert pq.kind == "ivfpq" and pq.full is not None and (pq.rotation is not None) == rotate
+        # resident: codes and lists, the id map, the full-vector lookup (sorted ids + positions), the rotation
+        ram = (len(faiss.serialize_index(pq.index)) + (4 * dim * dim if rotate else 0)) / n + OWNERS + 16
         nprobe, depth = pq.nprobe(), pq.rerank
-        add(f"xdlabel IVF-PQ{pq.index.pq.M} + mmap re-rank x{depth} (nprobe {nprobe})", build, ram, 4 * dim,
-            timed(lambda q: pq.search(q, 10)[1], queries, truth))
-        base = faiss.clone_index(pq.index)  # the same trained IVF-PQ, refilled, with its vectors in RAM
+        name = f"xdlabel IVF-PQ{pq.index.pq.M}{' + OPQ' if rotate else ' plain'} + mmap re-rank x{depth}"
+        rows = [(f"{name} (nprobe {nprobe})", build, ram, 4 * dim,
+                 timed(lambda q: pq.search(q, 10)[1], queries, truth))]
+        if pq.rotation is None:
+            return rows
+        rotation = pq.rotation
+        base = faiss.clone_index(pq.index)  # refilled with its vectors in RAM, rotated as its codes are
         base.reset()
         base.set_direct_map_type(faiss.DirectMap.NoMap)
         refine = faiss.IndexRefineFlat(base)
-        refine.add(x)
+        refine.add(x @ rotation.T)
         params = faiss.IndexRefineSearchParameters(k_factor=depth,
                                                    base_index_params=faiss.SearchParametersIVF(nprobe=nprobe))
-        add(f"raw FAISS same IVF-PQ + IndexRefineFlat x{depth} (nprobe {nprobe})", float("nan"),
-            ram - OWNERS - 16 + 4 * dim, 0, timed(lambda q: refine.search(q, 10, params=params)[1] + 1, queries, truth))
+        rows.append((f"raw FAISS same OPQ + IVF-PQ + IndexRefineFlat x{depth} (nprobe {nprobe})", float("nan"),
+                     ram - OWNERS - 16 + 4 * dim, 0,
+                     timed(lambda q: refine.search(q @ rotation.T, 10, params=params)[1] + 1, queries, truth)))
         refine.reset()
-    return rows
+        return rows
+
+
+def _ivf_row(dim: int, ids: np.ndarray, x: np.ndarray, queries: np.ndarray, truth: np.ndarray
+             ) -> tuple[str, float, float, float, dict[str, Any]]:
+    start = time.perf_counter()
+    ivf = VectorIndex.build(dim, ids, x, IndexParams())
+    build = time.perf_counter() - start
+    ram = len(faiss.serialize_index(ivf.index)) / len(ids) + OWNERS
+    probed = f", nlist {ivf.index.nlist}, nprobe {ivf.nprobe()}" if ivf.kind == "ivf" else ""
+    return (f"xdlabel default ({ivf.kind}{probed})", build, ram, 0,
+            timed(lambda q: ivf.search(q, 10)[1], queries, truth))
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
   the flag (1.9, the declared floor) read the file whole. Mapped lists are read-only;
   ``index.vectors`` copies them into memory before the first add or remove.
 * The trailer holds the manifest (JSON), the id -> image id arrays and a compressed index's segment
-  ids; the file's last 16 bytes give the trailer's offset and an end mark, so it is found without
+  ids and rotation; the file's last 16 bytes give the trailer's offset and an end mark, so it is found without
   reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.
 * A file is written under a unique temporary name in its folder and renamed over the old one, so
   concurrent savers never mix one's manifest with another's vectors (the last rename wins), a failed
@@ -49,6 +49,7 @@ class Manifest:
     owners: bool = False  # the file holds the id -> image id map too
     segments: list[tuple[str, int]] | None = None  # ivfpq: full-vector files beside it, (name, rows)
     rerank: int = 0  # ivfpq: calibrated candidates per wanted hit
+    rotated: bool = False  # ivfpq: the trailer holds the rotation its codes were made in
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,11 @@ class Saved:
     owners: tuple[np.ndarray, np.ndarray] | None  # ids, image ids
     segments: list[tuple[str, np.ndarray]]  # ivfpq: segment file name, the ids of its rows
     mapped: bool  # the inverted lists are views of the file
+    rotation: np.ndarray | None = None  # ivfpq: [dim, dim] float32, codes are of x @ rotation.T
 
 
 def write(path: Path, index: faiss.Index, manifest: Manifest, owners: tuple[np.ndarray, np.ndarray] | None = None,
-          segments: list[tuple[str, np.ndarray]] | None = None) -> None:
+          segments: list[tuple[str, np.ndarray]] | None = None, rotation: np.ndarray | None = None) -> None:
     """Write ``path`` through a temporary file renamed over it. ``index`` must not change meanwhile."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_temp_prefix(path)}{os.getpid()}.", suffix=".tmp")
@@ -74,6 +76,9 @@ def write(path: Path, index: faiss.Index, manifest: Manifest, owners: tuple[np.n
             f.write(TRAILER + len(header).to_bytes(8, "little") + header)
             for array in [*(owners or ()), *(ids for _, ids in segments or [])]:
                 f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
+            if manifest.rotated:
+                assert rotation is not None and rotation.shape == (manifest.dim, manifest.dim)
+                f.write(np.ascontiguousarray(rotation, dtype="<f4").tobytes())
             f.write(start.to_bytes(8, "little") + END)
             f.flush()
             os.fsync(f.fileno())
@@ -92,7 +97,7 @@ def read(path: Path, map_lists: bool = True) -> Saved:
         size = os.fstat(f.fileno()).st_size
         magic = f.read(len(LEGACY))
         if magic in (LEGACY, LEGACY_OWNERS):
-            manifest, owners, segments = _fields(f, path, magic == LEGACY_OWNERS, size)
+            manifest, owners, segments, _ = _fields(f, path, magic == LEGACY_OWNERS, size)
             return Saved(faiss.read_index(faiss.PyCallbackIOReader(f.read)), manifest, owners, segments, False)
         if size < 16 + len(TRAILER):
             raise ValueError(f"{path}: not an xdlabel index file")
@@ -104,7 +109,7 @@ def read(path: Path, map_lists: bool = True) -> Saved:
         f.seek(start)
         if f.read(len(TRAILER)) != TRAILER:
             raise ValueError(f"{path}: corrupt trailer")
-        manifest, owners, segments = _fields(f, path, None, size - 16)
+        manifest, owners, segments, rotation = _fields(f, path, None, size - 16)
         if f.tell() != size - 16:
             raise ValueError(f"{path}: corrupt trailer ({size - 16 - f.tell()} unexplained bytes)")
         # FAISS opens the file by name; through /proc it is this open file even if a saver has
@@ -117,13 +122,13 @@ def read(path: Path, map_lists: bool = True) -> Saved:
             mapped = False
             f.seek(0)
             index = faiss.read_index(faiss.PyCallbackIOReader(f.read, 16 << 20))
-    return Saved(index, manifest, owners, segments, mapped)
+    return Saved(index, manifest, owners, segments, mapped, rotation)
 
 
 def _fields(f: BinaryIO, path: Path, with_owners: bool | None, end: int
-            ) -> tuple[Manifest, tuple[np.ndarray, np.ndarray] | None, list[tuple[str, np.ndarray]]]:
-    """Manifest, id arrays and segment ids, from just after a magic; none of them may reach past
-    ``end``. ``with_owners`` None: as the manifest says."""
+            ) -> tuple[Manifest, tuple[np.ndarray, np.ndarray] | None, list[tuple[str, np.ndarray]], np.ndarray | None]:
+    """Manifest, id arrays, segment ids and rotation, from just after a magic; none of them may
+    reach past ``end``. ``with_owners`` None: as the manifest says."""
     size = int.from_bytes(f.read(8), "little")
     if size > MAX_HEADER:
         raise ValueError(f"{path}: corrupt header")
@@ -138,7 +143,13 @@ def _fields(f: BinaryIO, path: Path, with_owners: bool | None, end: int
     if manifest.owners if with_owners is None else with_owners:
         owners = (_read_ids(f, manifest.count, path, end), _read_ids(f, manifest.count, path, end))
     segments = [(name, _read_ids(f, rows, path, end)) for name, rows in manifest.segments or []]
-    return manifest, owners, segments
+    rotation = None
+    if manifest.rotated:
+        if not isinstance(manifest.dim, int) or manifest.dim <= 0 or f.tell() + 4 * manifest.dim ** 2 > end:
+            raise ValueError(f"{path}: corrupt or truncated rotation")
+        rotation = np.frombuffer(f.read(4 * manifest.dim ** 2), dtype="<f4").astype(np.float32)
+        rotation = rotation.reshape(manifest.dim, manifest.dim)
+    return manifest, owners, segments, rotation
 
 
 def _read_ids(f: BinaryIO, count: object, path: Path, end: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from index import indexfile
 from index.calibrate import Calibration, nprobe_for
 from index.fullvectors import FullVectors, remove_unreferenced
 from index.indexfile import Manifest
+from index.rotation import train_rotation
 from index.rwlock import ReadWriteLock
 
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
@@ -61,6 +62,7 @@ class IndexParams:
     memory_gb: float | None = None  # ... or when full vectors of one index would take more RAM than this
     pq_bytes: int | None = None  # PQ code size; None: dim / 8 (32x smaller than float32)
     rerank: int = 16  # compressed: PQ candidates re-scored exactly per wanted hit (calibration may raise it)
+    rotate: bool = True  # compressed: encode in a learned rotation (OPQ); False: plain PQ (the baseline)
 
 
 def nlist_for(size: int, params: IndexParams) -> int:
@@ -103,11 +105,14 @@ class VectorIndex:
 
     def __init__(self, index: faiss.Index, dim: int, params: IndexParams, trained: int = 0,
                  curve: list[tuple[int, float]] | None = None, full: FullVectors | None = None,
-                 rerank: int = 0, mapped: bool = False) -> None:
+                 rerank: int = 0, mapped: bool = False, rotation: np.ndarray | None = None) -> None:
         self.index, self.dim, self.params, self.full = index, dim, params, full
         self.rerank = rerank or params.rerank
         if isinstance(index, faiss.IndexIVFPQ) != (full is not None):
             raise ValueError("a compressed index needs its full vectors, and only it has them")
+        if rotation is not None and (full is None or rotation.shape != (dim, dim)):
+            raise ValueError("only a compressed index is rotated, by a [dim, dim] matrix")
+        self.rotation = rotation  # compressed: PQ codes are of x @ rotation.T (index.rotation)
         self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
         self.curve = [(int(p), float(r)) for p, r in curve or []] if isinstance(index, faiss.IndexIVF) else []
         self._lock = ReadWriteLock()  # searches, saves' writes and id reads share; list writes exclude
@@ -131,17 +136,21 @@ class VectorIndex:
             return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim, params)
         nlist = nlist_for(size, params)
         quantizer = faiss.IndexFlatIP(dim)
+        sample, rotation = _as_matrix(sample, dim), None
         if kind == "ivfpq":
             if path is None:
                 raise ValueError(f"a compressed index of {size} vectors needs a path for its full vectors")
             ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_bytes(dim, params), 8, faiss.METRIC_INNER_PRODUCT)
+            if params.rotate:
+                rotation = train_rotation(sample, pq_bytes(dim, params))
+                sample = sample @ rotation.T
         else:
             ivf = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.train(_as_matrix(sample, dim))
+        ivf.train(sample)
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct and remove by id
         # faiss's Python wrapper keeps the quantizer alive with the index
         full = FullVectors(path, dim) if path is not None and kind == "ivfpq" else None
-        return cls(ivf, dim, params, trained=size, full=full)
+        return cls(ivf, dim, params, trained=size, full=full, rotation=rotation)
 
     @classmethod
     def build(cls, dim: int, ids: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None,
@@ -218,7 +227,7 @@ class VectorIndex:
 
     def manifest(self, position: int = 0) -> Manifest:
         return Manifest(self.dim, self.kind, self.ntotal, position, self.trained, self.curve or None,
-                        rerank=self.rerank if self.full is not None else 0)
+                        rerank=self.rerank if self.full is not None else 0, rotated=self.rotation is not None)
 
     # -- mutation -----------------------------------------------------------------------------
 
@@ -227,16 +236,17 @@ class VectorIndex:
         if not len(ids):
             return
         x = _as_matrix(vectors, self.dim)
+        coded = self._rotated(x)
         self._own()
         with self._mutate:
             ivf = isinstance(self.index, faiss.IndexIVF)
             # the costly part, each vector's nearest list, reads only the quantizer: searches go on
-            lists = self.index.quantizer.search(x, 1)[1].ravel() if ivf else None
+            lists = self.index.quantizer.search(coded, 1)[1].ravel() if ivf else None
             with self._lock.write():
                 if self.full is not None:
                     self.full.add(ids, x)  # first: a search never finds an id whose vector is not there
                 if lists is not None:
-                    self.index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+                    self.index.add_core(len(x), faiss.swig_ptr(coded), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
                 else:
                     self.index.add_with_ids(x, ids)
                 if self._gpu is not None:
@@ -330,8 +340,8 @@ class VectorIndex:
         if selector is not None:
             params.sel = selector
         if self.full is not None:
-            _, candidates = self.index.search(q, k * self.rerank, params=params)
-            return self._rerank(q, k, candidates)
+            _, candidates = self.index.search(self._rotated(q), k * self.rerank, params=params)
+            return self._rerank(q, k, candidates)  # the full vectors are not rotated: nor is q here
         if selector is None and self._use_gpu():
             with self._gpu_lock:
                 scores, ids = self._gpu_index().search(q, k)
@@ -339,6 +349,10 @@ class VectorIndex:
             scores, ids = self.index.search(q, k, params=params)
         scores[ids < 0] = -np.inf
         return scores, ids
+
+    def _rotated(self, x: np.ndarray) -> np.ndarray:
+        """``x`` as the PQ codes see it (itself when the index is not rotated)."""
+        return x if self.rotation is None else np.ascontiguousarray(x @ self.rotation.T)
 
     def _rerank(self, q: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The exact top-k of each query among its PQ candidates (``rerank`` x k of them, so at least
@@ -386,7 +400,7 @@ class VectorIndex:
             if segments:
                 manifest = replace(manifest, segments=[(n, len(i)) for n, i in segments])
             with self._lock.read():  # searches go on while the file is written
-                indexfile.write(path, self.index, manifest, owners, segments)
+                indexfile.write(path, self.index, manifest, owners, segments, self.rotation)
         if self.full is not None:  # only a compressed index has segment files to look for
             remove_unreferenced(path, {name for name, _ in manifest.segments or []})
         return manifest
@@ -409,7 +423,7 @@ class VectorIndex:
         if not isinstance(index, faiss.IndexIDMap2 | faiss.IndexIVF):
             raise ValueError(f"{path}: unexpected index type {type(index).__name__}")
         loaded = cls(index, index.d, params or IndexParams(), trained=manifest.trained, curve=manifest.curve,
-                     full=full, rerank=manifest.rerank, mapped=saved.mapped)
+                     full=full, rerank=manifest.rerank, mapped=saved.mapped, rotation=saved.rotation)
         if (loaded.ntotal, loaded.dim, loaded.kind) != (manifest.count, manifest.dim, manifest.kind):
             raise ValueError(f"{path}: holds {loaded.ntotal} {loaded.kind} vectors of dimension {loaded.dim}, "
                              f"manifest says {manifest}")
