@@ -112,12 +112,12 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=500)
     args = parser.parse_args()
     rows = [row for n in args.n for row in run(n, args.queries)]
-    header = (f"{'n':>8}  {'path':<58}{'build s':>9}{'RAM B/vec':>10}{'disk B/vec':>11}{'10M RAM GiB':>12}"
+    header = (f"{'n':>8}  {'path':<66}{'build s':>9}{'RAM B/vec':>10}{'disk B/vec':>11}{'10M RAM GiB':>12}"
               f"{'p50 ms':>8}{'p99 ms':>8}{'QPS':>7}{'R@10':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['n']:>8}  {r['path']:<58}{r['build_s']:>9.0f}{r['ram_b']:>10.0f}{r['disk_b']:>11.0f}"
+        print(f"{r['n']:>8}  {r['path']:<66}{r['build_s']:>9.0f}{r['ram_b']:>10.0f}{r['disk_b']:>11.0f}"
               f"{r['ram_b'] * 10e6 / 2**30:>12.1f}{r['p50_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['qps']:>7.0f}"
               f"{r['recall']:>7.3f}")
 

@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 OPQ_SAMPLE = 30_000  # training vectors (OPQ trains a PQ of 256 codes per part on them each iteration)
-OPQ_ITERATIONS = 5  # bench/compressed.py: the re-rank depth a recall target needs, at 5 against 0
+OPQ_ITERATIONS = 5  # FAISS defaults to 50; a few keep the build short (its time is in bench/compressed.py)
 
 
 def train_rotation(sample: np.ndarray, parts: int, seed: int = 0) -> np.ndarray:
