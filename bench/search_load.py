@@ -13,6 +13,8 @@ Clients and servers share this machine's cores, so the clients' own cost is part
 Each row is measured twice, interleaved: with clients on the standard library's ``http.client``
 (HTTP/1.1 keep-alive, little work per request) and on ``httpx`` (the client the tests use), whose
 heavier per-request work in 64 threads under one GIL adds queueing of its own to the latencies.
+"client CPU" is the share of the machine's cores the clients' process used in the measured
+interval: what the clients took from the servers.
 For the two-process server the table gives how the connections were spread over the two processes
 when the clock started and when it stopped.
 
@@ -196,7 +198,7 @@ def _measure(base: str, key: str, workload: str, count: int, seconds: float, cou
     def open_window() -> None:
         splits.append(_connections_per_process(base))
         now = time.perf_counter()
-        window[:] = [now, now + seconds]
+        window[:] = [now, now + seconds, time.process_time()]
 
     ready = threading.Barrier(count + 1, action=open_window)  # runs before any thread goes on
     done = threading.Barrier(count, action=lambda: splits.append(_connections_per_process(base)))
@@ -226,9 +228,10 @@ def _measure(base: str, key: str, workload: str, count: int, seconds: float, cou
     for t in threads:
         t.join()
     wall = time.perf_counter() - window[0]  # includes the requests in flight at the end
+    cpu = time.process_time() - window[2]  # every client thread's
     return {"client": client_kind, "qps": len(times) / wall, "p50_ms": float(np.percentile(times, 50) * 1e3),
             "p99_ms": float(np.percentile(times, 99) * 1e3), "errors": len(errors), "requests": len(times),
-            "split": splits}
+            "split": splits, "client_cpu": cpu / wall / (os.cpu_count() or 1)}
 
 
 def _connections_per_process(base: str) -> list[int]:
@@ -273,14 +276,14 @@ def print_table(rows: list[dict[str, Any]], n: int) -> None:
     print(f"\nHTTP /v1/search/text under load: bundled model, {n} stored vectors (SQLite), servers in processes "
           f"of their own, clients in this one, on this machine")
     header = (f"{'mode':<36}{'client':<13}{'texts':<10}{'clients':>8}{'split':>14}{'QPS':>7}{'p50 ms':>8}"
-              f"{'p99 ms':>8}{'calls':>7}{'errors':>7}")
+              f"{'p99 ms':>8}{'client CPU':>11}{'calls':>7}{'errors':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         calls = "-" if r["model_calls"] is None else r["model_calls"]
         split = "->".join("/".join(map(str, s)) for s in r["split"]) if len(r["split"][0]) > 1 else "-"
         print(f"{r['mode']:<36}{r['client']:<13}{r['workload']:<10}{r['clients']:>8}{split:>14}{r['qps']:>7.0f}"
-              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{calls:>7}{r['errors']:>7}")
+              f"{r['p50_ms']:>8.1f}{r['p99_ms']:>8.1f}{r['client_cpu']:>11.0%}{calls:>7}{r['errors']:>7}")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
