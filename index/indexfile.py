@@ -6,8 +6,8 @@
   the flag (1.9, the declared floor) read the file whole. Mapped lists are read-only;
   ``index.vectors`` copies them into memory before the first add or remove.
 * The trailer holds the manifest (JSON), the id -> image id arrays and a compressed index's segment
-  ids and rotation; the file's last 16 bytes give the trailer's offset and an end mark, so it is found without
-  reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.
+  ids and rotation; the file's last 16 bytes give the trailer's offset and an end mark, so it is
+  found without reading the index. Files of the earlier layouts (manifest first, then the index) still load, read whole.
 * A file is written under a unique temporary name in its folder and renamed over the old one, so
   concurrent savers never mix one's manifest with another's vectors (the last rename wins), a failed
   save leaves nothing, and a process still mapping the old file goes on reading the old file. That
@@ -77,7 +77,8 @@ def write(path: Path, index: faiss.Index, manifest: Manifest, owners: tuple[np.n
             for array in [*(owners or ()), *(ids for _, ids in segments or [])]:
                 f.write(np.ascontiguousarray(array, dtype="<i8").tobytes())
             if manifest.rotated:
-                assert rotation is not None and rotation.shape == (manifest.dim, manifest.dim)
+                if rotation is None or rotation.shape != (manifest.dim, manifest.dim):
+                    raise ValueError(f"a rotated index needs its [{manifest.dim}, {manifest.dim}] rotation")
                 f.write(np.ascontiguousarray(rotation, dtype="<f4").tobytes())
             f.write(start.to_bytes(8, "little") + END)
             f.flush()

@@ -11,7 +11,8 @@
   in FAISS, no Python walk) when that is as cheap or the allowed set is small; a widened search
   that finds fewer than ``k`` probes every list, so a filter still returns ``k`` hits when ``k`` exist.
 * Past ``compress_past`` vectors, or when full vectors would not fit ``memory_gb``, the index is
-  compressed: IVF-PQ codes in RAM (``pq_bytes`` per vector), full vectors on disk memory-mapped
+  compressed: IVF-PQ codes in RAM (``pq_bytes`` per vector, made in a learned rotation:
+  ``index.rotation``), full vectors on disk memory-mapped
   (``index.fullvectors``), and each search re-ranks ``rerank`` x k PQ candidates exactly, so its
   calibrated recall is that of the whole search. Its files live beside the index file.
 * Adds and removes are incremental. On a GPU build with a GPU, unfiltered searches run on a GPU

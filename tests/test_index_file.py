@@ -166,10 +166,11 @@ def _file(index: VectorIndex, manifest: dict[str, object], ids: bytes, offset: i
 
 
 def test_damaged_trailers_and_indexes_are_refused(tmp_path: Path) -> None:
-    """8 damaged files with an intact end mark, each refused with ValueError or RuntimeError (the id
+    """10 damaged files with an intact end mark, each refused with ValueError or RuntimeError (the id
     counts before any id is read): a broken FAISS header, a manifest that is not JSON, id counts of
-    10^12, 2^61, -1 and "3" (the file holds 2 x 900), a trailer offset pointing into the index, and
-    a count larger than the id bytes present."""
+    10^12, 2^61, -1 and "3" (the file holds 2 x 900), a trailer offset pointing into the index, a
+    count larger than the id bytes present, and a manifest claiming a rotation the file does not
+    hold, or one of a dimension of 2^40."""
     index, ids, _ = built(900, seed=4)
     good = asdict(index.manifest(position=5)) | {"owners": True}
     id_bytes = ids.astype("<i8").tobytes() * 2
@@ -184,6 +185,8 @@ def test_damaged_trailers_and_indexes_are_refused(tmp_path: Path) -> None:
     for count in (10**12, 2**61, -1, "3", 901):
         cases[f"count {count!r}"] = _file(index, good | {"count": count}, id_bytes)
     cases["offset into the index"] = _file(index, good, id_bytes, offset=100)
+    cases["rotation not there"] = _file(index, good | {"rotated": True}, id_bytes)
+    cases["rotation of 2^40 dimensions"] = _file(index, good | {"rotated": True, "dim": 2**40}, id_bytes)
     for name, data in cases.items():
         path.write_bytes(data)
         with pytest.raises((ValueError, RuntimeError)):
