@@ -73,7 +73,8 @@ def _compressed_rows(dim: int, ids: np.ndarray, x: np.ndarray, queries: np.ndarr
         build = time.perf_counter() - start
         assert pq.kind == "ivfpq" and pq.full is not None and (pq.rotation is not None) == rotate
         # resident: codes and lists, the id map, the full-vector lookup (sorted ids + positions), the rotation
-        ram = (len(faiss.serialize_index(pq.index)) + (4 * dim * dim if rotate else 0)) / n + OWNERS + 16
+        rotation_bytes = 0 if pq.rotation is None else pq.rotation.nbytes
+        ram = (len(faiss.serialize_index(pq.index)) + rotation_bytes) / n + OWNERS + 16
         nprobe, depth = pq.nprobe(), pq.rerank
         name = f"xdlabel IVF-PQ{pq.index.pq.M}{' + OPQ' if rotate else ' plain'} + mmap re-rank x{depth}"
         rows = [(f"{name} (nprobe {nprobe})", build, ram, 4 * dim,

@@ -24,6 +24,5 @@ def train_rotation(sample: np.ndarray, parts: int, seed: int = 0) -> np.ndarray:
         sample = sample[np.random.default_rng(seed).choice(len(sample), OPQ_SAMPLE, replace=False)]
     opq = faiss.OPQMatrix(dim, parts)
     opq.niter = OPQ_ITERATIONS
-    opq.verbose = False
     opq.train(np.ascontiguousarray(sample, dtype=np.float32))
     return faiss.vector_to_array(opq.A).reshape(dim, dim).astype(np.float32)
