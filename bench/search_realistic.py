@@ -2,7 +2,8 @@
 
 Rows: raw FAISS (flat, IVF at the nprobe xdlabel's calibration picks, HNSW, IVF-PQ with exact
 re-rank), xdlabel's VectorIndex at its default (recall target 0.95, no hand-set parameter) and its
-1 % and 10 % filtered searches, the peer libraries (bench/search_peers.py: hnswlib, LanceDB and
+1 % and 10 % filtered searches, the same for its graph kind (``graph=True``, beside raw FAISS on the
+very same graph), the peer libraries (bench/search_peers.py: hnswlib, LanceDB and
 Chroma, each skipped with a message when absent; ``pip install 'xdlabel[bench]'``), then the store
 over SQLite and PostgreSQL (bench/search_store.py: build from SQL, searches, filters through SQL,
 restart).
@@ -103,6 +104,7 @@ def run(n: int, num_queries: int, dim: int = 1024) -> list[Row]:
             timed(lambda q, allowed=allowed: index.search(q, 10, allowed=allowed)[1], queries, ftruth),
             "allowed ids given (store: cached per filter)")
 
+    graph_rows(ids, x, queries, truths, data.buckets, add)
     nlist = nlist_for(n, IndexParams())
     sample = x[np.random.default_rng(0).choice(n, train_size(n, IndexParams()), replace=False)]
     start = time.perf_counter()
@@ -146,6 +148,35 @@ def run(n: int, num_queries: int, dim: int = 1024) -> list[Row]:
     rows += search_peers.rows(x, ids, data.buckets, queries, truths)
     rows += search_store.rows(x, queries, data.buckets, truths)
     return rows
+
+
+def graph_rows(ids: np.ndarray, x: np.ndarray, queries: np.ndarray, truths: dict[int, np.ndarray],
+               buckets: np.ndarray, add: Callable[..., None]) -> None:
+    """xdlabel's graph kind (``IndexParams(graph=True)``) at its default, its filters, and the very
+    same graph searched by raw FAISS at the calibrated beam."""
+    from index.vectors import IndexParams, VectorIndex
+
+    dim = x.shape[1]
+    start = time.perf_counter()
+    # below exact_max a graph is forced (the small run of tests/test_bench_search.py); at sizes past it
+    # these are the defaults with graph=True
+    index = VectorIndex.build(dim, ids, x, IndexParams(graph=True, exact_max=min(20_000, len(ids) // 2)))
+    build = time.perf_counter() - start
+    ef = index.nprobe()
+    memory = len(faiss.serialize_index(index.index)) / 2**20
+    predicted = dict(index.curve).get(ef, float("nan"))
+    add(f"xdlabel VectorIndex graph=True ({index.kind}, ef {ef})", build, memory,
+        timed(lambda q: index.search(q, 10)[1], queries, truths[0]),
+        f"calibrated recall at this ef {predicted:.3f}; build incl. calibration")
+    raw, params = faiss.downcast_index(index.index.index), faiss.SearchParametersHNSW(efSearch=ef)
+    assert np.array_equal(faiss.vector_to_array(index.index.id_map), ids)  # graph position i holds ids[i]
+    add(f"raw FAISS same HNSW{raw.hnsw.nb_neighbors(1)} ef {ef}", float("nan"), memory,
+        timed(lambda q: ids[raw.search(q, 10, params=params)[1]], queries, truths[0]))
+    for share in (1, 10):
+        allowed = ids[buckets < share]
+        add(f"xdlabel VectorIndex graph=True filter {share}%", float("nan"), memory,
+            timed(lambda q, allowed=allowed: index.search(q, 10, allowed=allowed)[1], queries, truths[share]),
+            "exact over the allowed ids")
 
 
 def print_table(rows: list[Row]) -> None:

@@ -1,12 +1,11 @@
-"""xdlabel's store paths of the peer table: RetrievalStore over SQLite and over PostgreSQL.
-
-Each database gets the realistic set as image rows (one dataset per bucket, so the 1 % and 10 %
-filters are dataset filters on an indexed column). Rows: the first answer of a fresh store (no
-saved index: built from SQL, calibrated, saved), default searches (recall target 0.95, no
-hand-set parameter), both filters (cold = the first call, which reads the allowed ids from SQL;
-then cached per filter), and the first answer of a second store opening the saved index + id map
-(a restart). PostgreSQL runs in a database created for the run and dropped after it; without a
-server the rows are skipped with a message.
+"""xdlabel's store paths of the peer table: RetrievalStore over SQLite and over PostgreSQL. Each
+database gets the realistic set as image rows (one dataset per bucket, so the 1 % and 10 % filters
+are dataset filters on an indexed column). Rows: the first answer of a fresh store (no saved index:
+built from SQL, calibrated, saved), default searches (recall target 0.95, no hand-set parameter),
+both filters (cold = the first call, which reads the allowed ids from SQL; then cached per filter),
+and the first answer of a second store opening the saved index + id map (a restart), for the default
+IVF and for the graph kind (``graph=True``). PostgreSQL runs in a database created for the run and
+dropped after it; without a server the rows are skipped with a message.
 """
 
 from __future__ import annotations
@@ -52,16 +51,17 @@ def postgres_database() -> Iterator[str | None]:
 def rows(x: np.ndarray, queries: np.ndarray, buckets: np.ndarray, truths: dict[int, np.ndarray]) -> list[Row]:
     """``truths``: exact top-10 image ids per query, unfiltered (0) and per filter share (1, 10)."""
     out: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out += store_rows("SQLite", f"sqlite:///{tmp}/bench.db", Path(tmp), x, queries, buckets, truths)
-    with postgres_database() as url, tempfile.TemporaryDirectory() as tmp:
-        if url is not None:
-            out += store_rows("PostgreSQL", url, Path(tmp), x, queries, buckets, truths)
+    for graph in (False, True):
+        with tempfile.TemporaryDirectory() as tmp:
+            out += store_rows("SQLite", f"sqlite:///{tmp}/bench.db", Path(tmp), x, queries, buckets, truths, graph)
+        with postgres_database() as url, tempfile.TemporaryDirectory() as tmp:
+            if url is not None:
+                out += store_rows("PostgreSQL", url, Path(tmp), x, queries, buckets, truths, graph)
     return out
 
 
 def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarray, buckets: np.ndarray,
-               truths: dict[int, np.ndarray]) -> list[Row]:
+               truths: dict[int, np.ndarray], graph: bool = False) -> list[Row]:
     from sqlalchemy import select
 
     from bench.search import populate_sql
@@ -70,6 +70,7 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
     from index.filters import Filters
     from index.models import Dataset
     from index.store import RetrievalStore
+    from index.vectors import IndexParams
 
     out: list[Row] = []
     n, dim = x.shape
@@ -85,7 +86,8 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
 
     def add(path_label: str, build: float, result: Row, note: str = "") -> None:
         mem = path.stat().st_size / 2**20 if path.exists() else float("nan")
-        out.append(row(n, f"xdlabel store {label}: {path_label}", build, mem, result, note))
+        kind = " graph=True" if graph else ""
+        out.append(row(n, f"xdlabel store {label}{kind}: {path_label}", build, mem, result, note))
 
     def first_answer(store: RetrievalStore) -> float:
         start = time.perf_counter()
@@ -97,7 +99,8 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
         return np.array([[h.image_id for h in found] + [-1] * (10 - len(found)) for found in hits])
 
     nothing: Row = {"p50_ms": float("nan"), "p99_ms": float("nan"), "qps": float("nan"), "recall": float("nan")}
-    store = RetrievalStore(sessions, folder)
+    params = IndexParams(graph=graph)
+    store = RetrievalStore(sessions, folder, params)
     built = first_answer(store)
     kind = store.index(mv, "image", dim).kind
     add("no saved index: built from SQL", built, nothing,
@@ -112,7 +115,7 @@ def store_rows(label: str, url: str, tmp: Path, x: np.ndarray, queries: np.ndarr
                                                     truths[share]),
             f"first call (allowed ids from SQL) {cold * 1e3:.0f} ms, then cached")
     mtime = path.stat().st_mtime_ns
-    restarted = RetrievalStore(sessions, folder)
+    restarted = RetrievalStore(sessions, folder, params)
     first = first_answer(restarted)
     # a restart must load the file, not rebuild it: a rebuild would save it again
     reused = path.stat().st_mtime_ns == mtime and restarted.index(mv, "image", dim).ntotal == n

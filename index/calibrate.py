@@ -1,11 +1,12 @@
-"""IVF parameters chosen for a recall target on the index's own data.
+"""IVF parameters (and a graph's search beam) chosen for a recall target on the index's own data.
 
-When an IVF index is built, a few hundred of its training vectors become calibration queries,
+When an IVF index (or graph) is built, a few hundred of its sampled vectors become calibration queries,
 moved off the data the way text queries sit off image vectors (each is a stored vector plus the
 difference of two other stored vectors, a shift with the data's own covariance, plus broad
 isotropic noise). Their exact top-10 is accumulated while the vectors stream into the index; then
-recall@10 is measured at a ladder of ``nprobe`` values. The curve is saved in the manifest, and a
-search asking for recall ``r`` probes the fewest lists whose calibrated recall reaches ``r``.
+recall@10 is measured at a ladder of ``nprobe`` values (a graph: of ``efSearch`` values). The
+curve is saved in the manifest, and a search asking for recall ``r`` probes the fewest lists whose
+calibrated recall reaches ``r``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ NOISE = 1.0  # norm of the isotropic noise, relative to a unit stored vector
 MISS_SHARE = 0.5
 
 
-def ladder(nlist: int) -> list[int]:
-    """nprobe values tried: about 1.25x apart, ending at nlist (exhaustive)."""
-    steps, p = [], 1
+def ladder(nlist: int, first: int = 1) -> list[int]:
+    """nprobe values (a graph's beams) tried from ``first``: about 1.25x apart, ending at nlist (exhaustive)."""
+    steps, p = [], first
     while p < nlist:
         steps.append(p)
         p = max(p + 1, int(p * 1.25))
@@ -78,10 +79,11 @@ class Calibration:
         return float(np.mean([len(set(row[row >= 0].tolist()) & set(f.tolist())) / max(1, int((row >= 0).sum()))
                               for row, f in zip(self._ids, found, strict=True)]))
 
-    def curve(self, search: Callable[[np.ndarray, int, int], np.ndarray], nlist: int) -> list[tuple[int, float]]:
+    def curve(self, search: Callable[[np.ndarray, int, int], np.ndarray], nlist: int, first: int = 1
+              ) -> list[tuple[int, float]]:
         """``recall`` at each ``ladder`` step of ``nlist``, up to 0.995."""
         points = []
-        for nprobe in ladder(nlist):
+        for nprobe in ladder(nlist, first):
             recall = self.recall(search, nprobe)
             points.append((nprobe, round(recall, 4)))
             if recall >= 0.995:

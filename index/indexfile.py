@@ -41,7 +41,7 @@ class Manifest:
     """What a saved index holds: its kind, size, and the change-log position it covers."""
 
     dim: int
-    kind: str  # flat | ivf | ivfpq
+    kind: str  # flat | ivf | hnsw | ivfpq
     count: int
     position: int = 0  # the last embedding_changes.seq applied
     trained: int = 0  # IVF: the number of vectors it was trained for

@@ -409,6 +409,7 @@ class RetrievalStore:
                 live.index.remove(ids)
                 live.owners.remove(ids)
                 live.generation = next(_GENERATIONS)
+            self._maybe_grow(key)  # a graph's tombstones past its share: rebuilt
         return len(doomed)
 
     # -- search -------------------------------------------------------------------------------

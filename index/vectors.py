@@ -15,12 +15,14 @@
   ``index.rotation``), full vectors on disk memory-mapped
   (``index.fullvectors``), and each search re-ranks ``rerank`` x k PQ candidates exactly, so its
   calibrated recall is that of the whole search. Its files live beside the index file.
+* With ``IndexParams(graph=True)`` an HNSW graph (``index.graph``) takes IVF's place: its search
+  beam is calibrated the same way; removals are tombstones; filtered searches are exact.
 * Adds and removes are incremental. On a GPU build with a GPU, unfiltered searches run on a GPU
   copy that is refreshed after removals (GPU indexes cannot remove); the CPU index stays the truth.
 * ``outgrown()`` says when the index no longer fits its size (flat past ``exact_max``, IVF ``retrain_factor``
   times larger or smaller than it was trained for); the store then builds a new one in the background.
 * A saved index is one file (``index.indexfile``). Opening it maps an IVF index's inverted lists
-  from the file instead of reading them; they are copied into memory before the first add or remove
+  (a graph whole) from the file instead of reading them; they are copied into memory before the first add or remove
   (``_own``), beside running searches.
 * Searches share the index (a readers-writer lock; FAISS allows concurrent searches on the CPU), and a
   save writes the file beside them. Mutations are exclusive only for their write into the lists: an
@@ -31,65 +33,25 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from index import indexfile
+from index import graph, indexfile
 from index.calibrate import Calibration, nprobe_for
 from index.fullvectors import FullVectors, remove_unreferenced
 from index.indexfile import Manifest
 from index.rotation import train_rotation
 from index.rwlock import ReadWriteLock
+from index.sizing import IndexParams, kind_for, nlist_for, pq_bytes, train_size
+
+__all__ = ["IndexParams", "VectorIndex", "allowed_selector", "kind_for", "nlist_for", "pq_bytes", "train_size"]
 
 MAX_RERANK = 512  # candidates per wanted hit a compressed search may re-rank at most
 SPARE = 8  # lists copied from a mapped file get 1/SPARE more room
 BITMAP_MAX_ID = 1 << 27  # allowed ids below this are a bitmap (at most 16 MB), a cheaper test than a hash set
-
-@dataclass(frozen=True)
-class IndexParams:
-    exact_max: int = 20_000  # flat up to here: one exact query costs ~2 ms at 20k (bench/search.py)
-    nlist: int | None = None  # IVF lists; None: 4*sqrt(n), at least 16
-    recall: float = 0.95  # recall@10 target of IVF searches, overridable per call
-    nprobe: int | None = None  # expert override of the calibrated nprobe (also per call)
-    exact_filter_max: int = 20_000  # allowed sets up to this size are scored exactly
-    train_sample: int | None = None  # IVF training vectors; None: 64 per list (FAISS asks for >= 39)
-    use_gpu: bool | None = None  # None: when faiss has GPUs
-    retrain_factor: float = 4.0  # an IVF index this many times larger or smaller than trained is rebuilt
-    follow_size: bool = True  # False: keep the kind chosen at build time (the old behaviour, for benches)
-    compress_past: int = 5_000_000  # IVF-PQ + on-disk re-ranking past this many vectors
-    memory_gb: float | None = None  # ... or when full vectors of one index would take more RAM than this
-    pq_bytes: int | None = None  # PQ code size; None: dim / 8 (32x smaller than float32)
-    rerank: int = 16  # compressed: PQ candidates re-scored exactly per wanted hit (calibration may raise it)
-    rotate: bool = True  # compressed: encode in a learned rotation (OPQ); False: plain PQ (the baseline)
-
-
-def nlist_for(size: int, params: IndexParams) -> int:
-    return params.nlist or max(16, int(4 * np.sqrt(size)))
-
-
-def kind_for(size: int, dim: int, params: IndexParams) -> str:
-    if size <= params.exact_max:
-        return "flat"
-    too_big = params.memory_gb is not None and size * dim * 4 > params.memory_gb * 2**30
-    return "ivfpq" if size > params.compress_past or too_big else "ivf"
-
-
-def pq_bytes(dim: int, params: IndexParams) -> int:
-    """Code bytes per vector: a divisor of ``dim`` (FAISS splits the vector into that many parts)."""
-    wanted = params.pq_bytes or max(1, dim // 8)
-    return max(m for m in range(1, min(wanted, dim) + 1) if dim % m == 0)
-
-
-def train_size(size: int, params: IndexParams, dim: int = 0) -> int:
-    """IVF training vectors for ``size``: grows with nlist, so every list gets enough points (and
-    a compressed index's 256 PQ centroids per part get the 39 points each that FAISS asks for)."""
-    wanted = params.train_sample or 64 * nlist_for(size, params)
-    if dim and kind_for(size, dim, params) == "ivfpq":
-        wanted = max(wanted, 64 * 256)
-    return min(size, wanted)
 
 
 def _as_matrix(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -114,14 +76,17 @@ class VectorIndex:
         if rotation is not None and (full is None or rotation.shape != (dim, dim)):
             raise ValueError("only a compressed index is rotated, by a [dim, dim] matrix")
         self.rotation = rotation  # compressed: PQ codes are of x @ rotation.T (index.rotation)
-        self.trained = trained if isinstance(index, faiss.IndexIVF) else 0
-        self.curve = [(int(p), float(r)) for p, r in curve or []] if isinstance(index, faiss.IndexIVF) else []
+        self._graph = graph.is_graph(index)
+        tuned = self._graph or isinstance(index, faiss.IndexIVF)  # calibrated: nprobe (IVF) or ef (graph)
+        self.trained = trained if tuned else 0
+        self.curve = [(int(p), float(r)) for p, r in curve or []] if tuned else []
+        self._dead = graph.dead(index)  # graph: tombstoned positions
         self._lock = ReadWriteLock()  # searches, saves' writes and id reads share; list writes exclude
         self._mutate = threading.Lock()  # one add, remove, calibration or save at a time
         self._gpu_lock = threading.Lock()  # the GPU copy: one search or refresh at a time
         self._gpu: faiss.Index | None = None
         self._gpu_dirty = True
-        self._mapped = mapped  # IVF lists are read-only views of the saved file
+        self._mapped = mapped  # IVF lists (or a graph) are read-only views of the saved file
         self._own_lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
@@ -135,6 +100,8 @@ class VectorIndex:
         kind = kind_for(size, dim, params)
         if kind == "flat":
             return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), dim, params)
+        if kind == "hnsw":
+            return cls(graph.new(dim), dim, params, trained=size)
         nlist = nlist_for(size, params)
         quantizer = faiss.IndexFlatIP(dim)
         sample, rotation = _as_matrix(sample, dim), None
@@ -172,22 +139,23 @@ class VectorIndex:
         return index
 
     def calibrate(self, calibration: Calibration) -> None:
-        """Measure the recall curve of this IVF index against ``calibration``'s exact top-10
-        (which must have observed every vector added)."""
+        """Measure the recall curve of this IVF index (or graph) against ``calibration``'s exact
+        top-10 (which must have observed every vector added)."""
         def search(q: np.ndarray, k: int, nprobe: int) -> np.ndarray:
             return self._search(q, k, None, nprobe)[1]
 
         with self._mutate, self._lock.write():
-            nlist = int(self.index.nlist)
+            nlist = self._ceiling()
             # Compressed: first enough candidates that probing every list finds 99 % of the true top-10
             # (PQ distances alone rank too coarsely for that), then the nprobe curve at that depth.
             while self.full is not None and self.rerank < MAX_RERANK and calibration.recall(search, nlist) < 0.99:
                 self.rerank *= 2
-            self.curve = calibration.curve(search, nlist)
+            self.curve = calibration.curve(search, nlist, first=10 if self._graph else 1)
 
     def nprobe(self, recall: float | None = None, nprobe: int | None = None) -> int:
-        """Lists an IVF search probes: ``nprobe`` if given, else the calibrated value for ``recall``."""
-        nlist = int(self.index.nlist)
+        """Lists an IVF search probes (a graph's beam): ``nprobe`` if given, else the calibrated
+        value for ``recall``."""
+        nlist = self._ceiling()
         if nprobe or self.params.nprobe:
             return max(1, min(nlist, int(nprobe or self.params.nprobe or 1)))
         return nprobe_for(self.curve, self.params.recall if recall is None else recall, nlist)
@@ -202,6 +170,8 @@ class VectorIndex:
             return True
         if self.kind == "flat":
             return False
+        if self._dead > graph.MAX_DEAD * (self.ntotal + self._dead):
+            return True
         if not self.curve:  # saved before calibration existed: rebuild (and calibrate) once
             return True
         factor = self.params.retrain_factor
@@ -211,11 +181,15 @@ class VectorIndex:
     def kind(self) -> str:
         if isinstance(self.index, faiss.IndexIVF):
             return "ivfpq" if self.full is not None else "ivf"
-        return "flat"
+        return "hnsw" if self._graph else "flat"
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        return int(self.index.ntotal) - self._dead
+
+    def _ceiling(self) -> int:
+        """The widest ``nprobe`` (every list), or a graph's beam past which it searches exactly."""
+        return graph.MAX_EF + 1 if self._graph else int(self.index.nlist)
 
     def ids(self) -> np.ndarray:
         with self._lock.read():
@@ -224,7 +198,8 @@ class VectorIndex:
                 parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
                          for i in range(self.index.nlist) if invlists.list_size(i)]
                 return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-            return faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+            return ids[ids >= 0]  # a graph's tombstones are -1
 
     def manifest(self, position: int = 0) -> Manifest:
         return Manifest(self.dim, self.kind, self.ntotal, position, self.trained, self.curve or None,
@@ -258,6 +233,11 @@ class VectorIndex:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         if not len(ids):
             return 0
+        if self._graph:  # tombstones in the id map, which is never mapped: no copy (waits for one running)
+            with self._own_lock, self._mutate, self._lock.write():
+                removed = graph.remove(self.index, ids)
+                self._dead += removed
+                return removed
         self._own()
         with self._mutate, self._lock.write():
             # IVF's id hashtable removes only through an IDSelectorArray.
@@ -279,6 +259,11 @@ class VectorIndex:
             return
         with self._own_lock:
             if not self._mapped:
+                return
+            if self._graph:
+                copy = graph.owned(self.index)
+                with self._lock.write():
+                    self.index, self._mapped = copy, False
                 return
             ivf = faiss.extract_index_ivf(self.index)
             mapped = ivf.invlists
@@ -313,14 +298,14 @@ class VectorIndex:
         k = max(1, int(k))
         with self._lock.read():
             ivf = isinstance(self.index, faiss.IndexIVF)
-            probe = self.nprobe(recall, nprobe) if ivf else 0
+            probe = self.nprobe(recall, nprobe) if ivf or self._graph else 0
             if allowed is None:
                 return self._search(q, k, None, probe)
             allowed = np.asarray(allowed, dtype=np.int64)
             if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():  # the store's are sorted already
                 allowed = np.unique(allowed)
             selector = allowed_selector(allowed)  # once: a widened search may run twice
-            if not ivf:
+            if not ivf:  # flat, or a graph: exact over the allowed ids
                 return self._search(q, k, selector, 0)
             nlist = int(self.index.nlist)
             share = len(allowed) / max(1, self.ntotal)
@@ -343,7 +328,9 @@ class VectorIndex:
         if self.full is not None:
             _, candidates = self.index.search(self._rotated(q), k * self.rerank, params=params)
             return self._rerank(q, k, candidates)  # the full vectors are not rotated: nor is q here
-        if selector is None and self._use_gpu():
+        if self._graph:
+            scores, ids = graph.search(self.index, q, k, nprobe, selector, self._dead > 0)
+        elif selector is None and self._use_gpu():
             with self._gpu_lock:
                 scores, ids = self._gpu_index().search(q, k)
         else:
@@ -366,6 +353,8 @@ class VectorIndex:
         return scores, ids
 
     def _use_gpu(self) -> bool:
+        if self._graph:  # FAISS has no GPU HNSW
+            return False
         use = self.params.use_gpu
         if use is None:
             use = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

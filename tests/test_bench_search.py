@@ -21,8 +21,13 @@ def test_peer_table_runs_and_the_restart_does_not_rebuild(capsys: pytest.Capture
     assert by_path["xdlabel VectorIndex filter 10%"]["recall"] == 1.0
     assert any(p.startswith("raw FAISS IVF-PQ8 + exact re-rank") for p in by_path)
     assert any(p.startswith("raw FAISS HNSW32") for p in by_path)
+    graph = next(r for p, r in by_path.items() if p.startswith("xdlabel VectorIndex graph=True (hnsw"))
+    raw_graph = next(r for p, r in by_path.items() if p.startswith("raw FAISS same HNSW32"))
+    assert graph["recall"] >= 0.95 and graph["recall"] == raw_graph["recall"]  # the same graph, the same beam
+    assert by_path["xdlabel VectorIndex graph=True filter 1%"]["recall"] == 1.0
+    assert by_path["xdlabel VectorIndex graph=True filter 10%"]["recall"] == 1.0
     databases = ["SQLite"] + (["PostgreSQL"] if any("PostgreSQL" in p for p in by_path) else [])
-    for db in databases:
+    for db in [*databases, *(f"{db} graph=True" for db in databases)]:
         assert by_path[f"xdlabel store {db}: default (recall target 0.95)"]["recall"] == 1.0
         for share in (1, 10):
             assert by_path[f"xdlabel store {db}: filter {share}%"]["recall"] == 1.0

@@ -53,7 +53,8 @@ class Services:
         self.engine = make_engine(settings.sqlalchemy_url)
         self.sessions: sessionmaker[Session] = make_session_factory(self.engine)
         self.store = RetrievalStore(self.sessions, settings.index_dir, IndexParams(
-            use_gpu=settings.use_gpu_index, recall=settings.search_recall, memory_gb=settings.index_memory_gb),
+            use_gpu=settings.use_gpu_index, recall=settings.search_recall, memory_gb=settings.index_memory_gb,
+            graph=settings.index_graph),
             defer_open=serving)
         self.text_queries: dict[str, TextQueries] = {}  # per kind, made by xdlabel.search on first use
         self._lock = threading.Lock()

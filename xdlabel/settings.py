@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     # RAM for one index's full vectors; past it (or past 5M vectors) the index is IVF-PQ with full vectors
     # on disk, memory-mapped, for exact re-ranking. None: no budget.
     index_memory_gb: float | None = Field(default=None, gt=0)
+    # HNSW graphs instead of IVF between 20k vectors and the compressed sizes: faster at the same recall,
+    # slower to build, removals are tombstones until a rebuild (README, Search speed).
+    index_graph: bool = False
     require_api_key: bool = True
     # Threads for the API's blocking work (SQL, search, the model). A few more than the cores keep them
     # busy; many more only queue on the GIL, which stretches the slowest requests (anyio's default is 40).
