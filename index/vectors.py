@@ -215,6 +215,11 @@ class VectorIndex:
         coded = self._rotated(x)
         self._own()
         with self._mutate:
+            if self._graph:  # linking into the graph is slow: a slice at a time, searches run between
+                for at in range(0, len(ids), graph.ADD_SLICE):
+                    with self._lock.write():
+                        self.index.add_with_ids(x[at:at + graph.ADD_SLICE], ids[at:at + graph.ADD_SLICE])
+                return
             ivf = isinstance(self.index, faiss.IndexIVF)
             # the costly part, each vector's nearest list, reads only the quantizer: searches go on
             lists = self.index.quantizer.search(coded, 1)[1].ravel() if ivf else None

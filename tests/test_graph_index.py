@@ -206,3 +206,37 @@ def test_store_builds_a_graph_follows_deletes_and_reopens_without_rebuild(
     assert rebuilt.kind == "hnsw" and graph.dead(rebuilt.index) == 0 and rebuilt.ntotal == 1000
     assert np.array_equal(np.sort(rebuilt.ids()), sql_vectors(sessions, mv)[0])
     engine.dispose()  # type: ignore[attr-defined]
+
+
+def test_searches_run_between_the_slices_of_a_large_add() -> None:
+    """A graph links new vectors slowly (each is searched into the graph), so an add takes the write
+    lock one slice at a time: while one thread adds 8 slices, searches from another keep completing.
+    Holding the lock for the whole add, as before slicing, completes none of them meanwhile."""
+    import threading
+
+    rng = np.random.default_rng(1)
+    index = VectorIndex.build(BIG_DIM, np.arange(1, 2001), unit(rng, 2000), IndexParams(exact_max=100, graph=True))
+    new = unit(rng, 8 * graph.ADD_SLICE)
+    adding, during = threading.Event(), []
+
+    def search() -> None:
+        query = unit(rng, 1)
+        while not adding.is_set():
+            time.sleep(0.001)
+        while adding.is_set():
+            index.search(query, 10)
+            during.append(adding.is_set())
+
+    searcher = threading.Thread(target=search)
+    searcher.start()
+    adding.set()
+    index.add(np.arange(10_001, 10_001 + len(new)), new)
+    adding.clear()
+    searcher.join()
+    assert sum(during) >= 4, f"{sum(during)} searches completed during the add"
+    assert index.ntotal == 2000 + len(new)
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, BIG_DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
