@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TypeVar
@@ -26,7 +26,8 @@ from PIL import Image, ImageDraw
 
 from annotator.localserver import free_port
 
-__all__ = ["Origin", "Processes", "dead_url", "free_port", "hold_sqlite_lock", "scene", "wait_for", "wait_http"]
+__all__ = ["Origin", "Processes", "dead_url", "free_port", "hold_sqlite_lock", "kill_9_rounds", "scene", "wait_for",
+           "wait_http"]
 T = TypeVar("T")
 
 
@@ -180,3 +181,19 @@ def hold_sqlite_lock(path: Path, seconds: float) -> threading.Thread:
     thread = threading.Thread(target=hold, daemon=True)
     thread.start()
     return thread
+
+
+def kill_9_rounds(script: str, path: Path, rounds: int, seed: int) -> Iterator[int]:
+    """Run ``python -c script path start`` ``rounds`` times (``start``: an id range of its own per
+    round), each killed with SIGKILL at a seeded random moment 0.05-1 s after it prints "ready";
+    yields the round number after each kill, for the caller to check what the run left."""
+    rng = np.random.default_rng(seed)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    for round_ in range(rounds):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(1_000_000 * (round_ + 1))],
+                                stdout=subprocess.PIPE, env=env)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(float(rng.uniform(0.05, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        yield round_

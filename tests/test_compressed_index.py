@@ -6,11 +6,6 @@ exact, and a store past its memory budget builds one from SQL and reopens it wit
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +16,7 @@ from index.fullvectors import FullVectors
 from index.indexfile import remove_stale_temps
 from index.store import RetrievalStore
 from index.vectors import IndexParams, VectorIndex, kind_for
+from tests.faultkit import kill_9_rounds
 from tests.test_index_growth import add_images, setup_db
 from tests.test_search_calibration import recall_at_10
 from tests.test_search_restart import no_rebuild
@@ -180,16 +176,8 @@ def test_kill_9_during_adds_and_saves_leaves_a_loadable_exact_index(tmp_path: Pa
     moments (each run resumes from the file the last one left). After every kill the file loads, every
     id it holds has its exact full vector, and the dead writer's growing file is removed as stale."""
     path = tmp_path / "x.faiss"
-    rng = np.random.default_rng(42)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     sizes = []
-    for round_ in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(1_000_000 * (round_ + 1))],
-                                stdout=subprocess.PIPE, env=env)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(float(rng.uniform(0.05, 1.0)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for _ in kill_9_rounds(WRITER, path, rounds=8, seed=42):
         remove_stale_temps(path)
         assert not list(tmp_path.glob("*.tmp")), "a dead writer's temporary file was left"
         index, manifest = VectorIndex.load(path)

@@ -4,10 +4,6 @@ reopens and kill -9, and a store builds one from SQL, follows deletes and reopen
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +15,7 @@ from index import graph
 from index.indexfile import remove_stale_temps
 from index.store import RetrievalStore
 from index.vectors import IndexParams, VectorIndex, kind_for
+from tests.faultkit import kill_9_rounds
 from tests.test_compressed_index import vector_of
 from tests.test_index_growth import add_images, assert_matches_sql, setup_db, sql_vectors
 from tests.test_search_calibration import recall_at_10
@@ -69,7 +66,8 @@ def test_filtered_graph_search_is_exact(built, share: int) -> None:  # type: ign
 
 def test_random_adds_removes_saves_and_reopens_keep_exactly_the_live_ids(tmp_path: Path) -> None:
     """Injects 20 seeded trials of 6-12 random operations (add a batch, remove some, save, reopen the
-    mapped file, re-add a removed id) into a graph. After each: the index holds exactly the live ids,
+    mapped file, re-add a removed id) into a graph. After each: the index holds exactly the live ids
+    (an add first copies a mapped graph into memory; a removal leaves it mapped),
     an exact search finds each stored vector as its own top hit, and a graph search of 30 never returns
     a removed id and returns as many hits as there are live vectors (up to 30)."""
     params = IndexParams(exact_max=50, graph=True, follow_size=False)
@@ -87,9 +85,12 @@ def test_random_adds_removes_saves_and_reopens_keep_exactly_the_live_ids(tmp_pat
                 next_id += len(new)
                 index.add(new, vector_of(new))
                 live |= set(new.tolist())
+                assert not index.mapped  # copied into memory first: FAISS aborts on an add to a mapped graph
             elif op == "remove" and live:
                 gone = rng.choice(sorted(live), size=min(len(live), int(rng.integers(1, 80))), replace=False)
+                was_mapped = index.mapped
                 assert index.remove(gone) == len(gone)
+                assert index.mapped == was_mapped  # tombstones go into the id map, which is not mapped
                 live -= set(gone.tolist())
             elif op == "readd" and next_id - 1 > len(live):
                 back = np.array([i for i in range(1, next_id) if i not in live][:5], np.int64)
@@ -117,6 +118,7 @@ WRITER = """
 import sys, numpy as np
 from pathlib import Path
 from index.vectors import IndexParams, VectorIndex
+from tests.faultkit import kill_9_rounds
 from tests.test_compressed_index import vector_of
 path, start = Path(sys.argv[1]), int(sys.argv[2])
 params = IndexParams(exact_max=50, graph=True, follow_size=False)
@@ -143,16 +145,8 @@ def test_kill_9_during_adds_removes_and_saves_leaves_a_consistent_graph(tmp_path
     After every kill the file loads with its manifest's count, and each live id's stored vector is
     its own exact top hit (so no tombstone was lost or misplaced)."""
     path = tmp_path / "g.faiss"
-    rng = np.random.default_rng(7)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     sizes = []
-    for round_ in range(8):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(1_000_000 * (round_ + 1))],
-                                stdout=subprocess.PIPE, env=env)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(float(rng.uniform(0.05, 1.0)))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    for _ in kill_9_rounds(WRITER, path, rounds=8, seed=7):
         remove_stale_temps(path)
         index, manifest = VectorIndex.load(path)
         ids = np.sort(index.ids())
