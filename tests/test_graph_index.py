@@ -234,3 +234,14 @@ def test_searches_run_between_the_slices_of_a_large_add() -> None:
 def unit(rng: np.random.Generator, n: int) -> np.ndarray:
     x = rng.standard_normal((n, BIG_DIM)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_the_setting_reaches_the_store(migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """XDLABEL_INDEX_GRAPH=1 in the environment: the services' store builds graphs (default: IVF)."""
+    from xdlabel.services import Services
+    from xdlabel.settings import Settings
+
+    assert not Services(Settings(data_dir=tmp_path / "a", database_url=migrated_url)).store.params.graph
+    monkeypatch.setenv("XDLABEL_INDEX_GRAPH", "1")
+    services = Services(Settings(data_dir=tmp_path / "b", database_url=migrated_url))
+    assert kind_for(300_000, 1024, services.store.params) == "hnsw"

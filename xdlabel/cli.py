@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-duration", type=float, help="--group video: only videos at most this long (s)")
     search.add_argument("--recall", type=_fraction,
                         help="recall@10 target in (0, 1] (default XDLABEL_SEARCH_RECALL, 0.95)")
-    search.add_argument("--nprobe", type=int, help="expert override of --recall: IVF lists to probe")
+    search.add_argument("--nprobe", type=int, help="expert override of --recall: IVF lists to probe (graph: its beam)")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=_search)
 

@@ -78,7 +78,7 @@ class TextSearchIn(BaseModel):
     recall: float | None = Field(default=None, gt=0, le=1, description="recall@10 target (default "
                                  "XDLABEL_SEARCH_RECALL, 0.95); the index probes what its calibration says it needs")
     nprobe: int | None = Field(default=None, ge=1, le=1 << 20, description="expert override of recall: IVF lists "
-                               "to probe")
+                               "to probe (a graph index: its search beam, efSearch)")
 
 
 class Hit(BaseModel):
