@@ -45,7 +45,8 @@ def id_map(index: faiss.IndexIDMap2) -> np.ndarray:
 
 
 def dead(index: faiss.IndexIDMap2) -> int:
-    return int((id_map(index) < 0).sum()) if is_graph(index) else 0
+    """Tombstoned positions of a graph."""
+    return int((id_map(index) < 0).sum())
 
 
 def remove(index: faiss.IndexIDMap2, ids: np.ndarray) -> int:

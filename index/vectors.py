@@ -80,7 +80,7 @@ class VectorIndex:
         tuned = self._graph or isinstance(index, faiss.IndexIVF)  # calibrated: nprobe (IVF) or ef (graph)
         self.trained = trained if tuned else 0
         self.curve = [(int(p), float(r)) for p, r in curve or []] if tuned else []
-        self._dead = graph.dead(index)  # graph: tombstoned positions
+        self._dead = graph.dead(index) if self._graph else 0
         self._lock = ReadWriteLock()  # searches, saves' writes and id reads share; list writes exclude
         self._mutate = threading.Lock()  # one add, remove, calibration or save at a time
         self._gpu_lock = threading.Lock()  # the GPU copy: one search or refresh at a time
